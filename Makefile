@@ -1,0 +1,49 @@
+# hasan — build, test and benchmark entry points. `make test` is what CI runs
+# (.ci/run); it installs the Debian packages it needs when they are missing.
+
+GO          ?= go
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+FUZZTIME    ?= 10s
+BIN         := bin/hasan
+
+.PHONY: all build deps check unit fuzz conformance test-vm test bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/hasan
+
+deps:
+	./hack/deps.sh
+
+# Static checks: formatting, vet, staticcheck.
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+# Unit and integration tests, with the race detector.
+unit:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+# Every fuzz target for a short time; the seed corpora live in testdata/fuzz.
+fuzz:
+	./hack/fuzz.sh $(FUZZTIME)
+
+# libiscsi's iscsi-test-cu against `hasan target run`: thick, thin, CHAP.
+conformance: deps
+	HASAN_CONFORMANCE=1 $(GO) test -count=1 -v -timeout 40m ./test/conformance/
+
+# The real Linux initiator (open-iscsi) in a QEMU guest: CHAP + mkfs + verify,
+# then two portals folded by dm-multipath.
+test-vm: deps
+	HASAN_VM=1 $(GO) test -count=1 -v -timeout 20m ./test/vm/
+
+test: deps check unit fuzz conformance test-vm
+
+bench: deps
+	$(GO) run ./bench
+
+clean:
+	rm -rf bin

@@ -1,0 +1,64 @@
+// Command hasan is the single hasan binary: `hasan target run` serves a
+// standalone iSCSI target, `hasan demo` shows the product on embedded
+// defaults. Cluster, volume and fence subcommands arrive with their issues.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newRootCmd().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "hasan:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCmd() *cobra.Command {
+	var logLevel string
+	root := &cobra.Command{
+		Use:           "hasan",
+		Short:         "hasan: a high-availability iSCSI SAN",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version(),
+	}
+	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		var lvl slog.Level
+		if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
+			return fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel)
+		}
+		slog.SetDefault(slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: lvl})))
+		return nil
+	}
+	// wired: see target.go, demo.go
+	root.AddCommand(subcommands()...)
+	return root
+}
+
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		v := bi.Main.Version
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				v = strings.TrimPrefix(v+" ", "(devel) ") + s.Value[:12]
+			}
+		}
+		if v != "" {
+			return v
+		}
+	}
+	return "dev"
+}
