@@ -2,4 +2,4 @@ package main
 
 import "github.com/spf13/cobra"
 
-func subcommands() []*cobra.Command { return nil }
+func subcommands() []*cobra.Command { return []*cobra.Command{newTargetCmd(), newDemoCmd()} }
