@@ -263,7 +263,7 @@ func ValidateName(name string) error {
 			return fmt.Errorf("naa name %q must be naa. plus 16 or 32 hex digits", name)
 		}
 	default:
-		return fmt.Errorf("iSCSI name %q must start with iqn., eui. or naa.", name)
+		return fmt.Errorf("iSCSI name %q must start with iqn, eui or naa", name)
 	}
 	return nil
 }

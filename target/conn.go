@@ -63,8 +63,6 @@ type outPDU struct {
 	closeAfter bool
 }
 
-var _ = (*outPDU)(nil)
-
 type conn struct {
 	srv *Server
 	nc  net.Conn
@@ -85,13 +83,14 @@ type conn struct {
 	pingSent atomic.Int64 // unix nanos of the oldest unanswered ping, 0 if none
 
 	// Writer-owned.
-	hd, dd     bool
-	statSN     uint32
-	wbuf       []byte
-	segs       []wseg
-	iov        net.Buffers
-	pending    []func()
-	writerDone chan struct{}
+	hd, dd        bool
+	statSN        uint32
+	wbuf          []byte
+	segs          []wseg
+	iov           net.Buffers
+	pending       []func()
+	writerDone    chan struct{}
+	writerStarted bool // set by serve before the writer goroutine starts
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -134,7 +133,9 @@ func (c *conn) serve() {
 		}
 		c.close(io.EOF)
 		if c.sess != nil {
-			<-c.writerDone
+			if c.writerStarted {
+				<-c.writerDone
+			}
 			c.sess.teardown()
 		}
 	}()
@@ -153,13 +154,22 @@ func (c *conn) serve() {
 		"tsih", sess.tsih, "discovery", sess.discovery, "header_digest", p.HeaderDigest, "data_digest", p.DataDigest,
 		"mrdsl", p.MaxRecvDataSegmentLength, "mxdsl", p.MaxXmitDataSegmentLength, "max_burst", p.MaxBurstLength,
 		"first_burst", p.FirstBurstLength, "immediate_data", p.ImmediateData, "initial_r2t", p.InitialR2T)
+	c.writerStarted = true
 	go c.writer()
 	if c.srv.cfg.NopInInterval > 0 {
-		go c.pinger()
+		var pw sync.WaitGroup
+		pw.Add(1)
+		go func() { defer pw.Done(); c.pinger() }()
+		// The pinger must be gone before serve returns, so nothing logs
+		// after Close.
+		defer func() {
+			c.close(io.EOF) // also on panic, or Wait would never return
+			pw.Wait()
+		}()
 	}
 	err := sess.readLoop()
 	switch {
-	case err == nil, errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
 		c.log.Info("target: connection closed", "tsih", sess.tsih, "why", c.why(err))
 	default:
 		c.log.Warn("target: connection dropped", "tsih", sess.tsih, "err", err)
@@ -245,7 +255,7 @@ func (c *conn) writer() {
 		select {
 		case p := <-c.out:
 			closeAfter := c.encode(p)
-			for !closeAfter && len(c.wbuf) < 256<<10 {
+			for !closeAfter && len(c.wbuf) < 256<<10 && len(c.segs) < 256 {
 				select {
 				case q := <-c.out:
 					closeAfter = c.encode(q)

@@ -13,7 +13,6 @@ import (
 
 // Login status (class<<8 | detail), RFC 7143 11.13.5.
 const (
-	loginSuccess         = 0x0000
 	loginInitiatorError  = 0x0200
 	loginAuthFailure     = 0x0201
 	loginAuthzFailure    = 0x0202
@@ -22,7 +21,6 @@ const (
 	loginUnsupportedVer  = 0x0205
 	loginMissingParam    = 0x0207
 	loginSessionNotExist = 0x020a
-	loginInvalidDuring   = 0x020b
 	loginTargetError     = 0x0300
 	loginServiceUnavail  = 0x0301
 )
@@ -67,7 +65,6 @@ type loginState struct {
 	authChosen   string // "", "None", "CHAP"
 	chap         *iscsi.CHAPAuth
 	authDone     bool
-	sentTPGT     bool
 }
 
 func newLoginState(srv *Server, c *conn) *loginState {
@@ -163,6 +160,8 @@ func (l *loginState) step(ctx context.Context, req *iscsi.PDU) (resp *iscsi.PDU,
 		switch {
 		case errors.Is(rerr, errSessionNotFound):
 			return fail(loginFail(loginSessionNotExist, "tsih %d", l.tsih))
+		case errors.Is(rerr, errTargetRemoved):
+			return fail(loginFail(loginTargetRemoved, "%v", rerr))
 		case rerr != nil:
 			return fail(loginFail(loginServiceUnavail, "%v", rerr))
 		}

@@ -489,6 +489,10 @@ func (s *Server) registerSession(ctx context.Context, sess *session, tsih uint16
 		s.mu.Unlock()
 		return 0, ErrServerClosed
 	}
+	if sess.target != nil && s.targets[sess.nexus.TargetName] != sess.target {
+		s.mu.Unlock()
+		return 0, errTargetRemoved
+	}
 	var old *session
 	if !sess.discovery {
 		key := sess.key()
@@ -571,7 +575,10 @@ func (s *Server) sessionsOfTarget(t *target) []*session {
 	return out
 }
 
-var errSessionNotFound = errors.New("target: no session for the given TSIH")
+var (
+	errSessionNotFound = errors.New("target: no session for the given TSIH")
+	errTargetRemoved   = errors.New("target: target removed during login")
+)
 
 // nexusFor builds the I_T nexus for a session.
 func nexusFor(initiator string, isid [6]byte, tc *TargetConfig) scsi.ITNexus {

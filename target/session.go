@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,7 +21,6 @@ const (
 	rejectProtocolError = 0x04
 	rejectNotSupported  = 0x05
 	rejectInvalidField  = 0x09
-	rejectWaitingLogout = 0x0c
 )
 
 // TMF functions and responses (RFC 7143 11.5.1, 11.6.1).
@@ -477,6 +477,16 @@ func (s *session) maybeExecute(t *task) {
 	s.mu.Unlock()
 	go func() {
 		defer s.running.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				// A panic in one task must not take the process down:
+				// it ends this connection only.
+				s.log.Error("target: panic while executing a task; closing the connection",
+					"panic", r, "itt", t.itt, "stack", string(debug.Stack()))
+				s.conn.close(fmt.Errorf("panic: %v", r))
+				s.finishTask(t, scsi.CheckResponse(scsi.Check(scsi.ReasonInternalTargetFailure), false))
+			}
+		}()
 		resp := s.execute(t)
 		s.finishTask(t, resp)
 	}()
@@ -531,13 +541,13 @@ func (s *session) onDataOut(h *iscsi.BHS) error {
 	if h.TTT() == iscsi.ReservedTag {
 		switch {
 		case t.unsolDone:
-			return protoErr("unsolicited Data-Out after the unsolicited burst ended (itt %#x)", t.itt)
+			return s.dataPhaseError(t, "unsolicited Data-Out after the unsolicited burst ended (itt %#x)", t.itt)
 		case sn != t.unsolDataSN:
-			return protoErr("Data-Out DataSN %d, expected %d (itt %#x)", sn, t.unsolDataSN, t.itt)
+			return s.dataPhaseError(t, "Data-Out DataSN %d, expected %d (itt %#x)", sn, t.unsolDataSN, t.itt)
 		case off != t.got:
-			return protoErr("Data-Out offset %d, expected %d (itt %#x)", off, t.got, t.itt)
+			return s.dataPhaseError(t, "Data-Out offset %d, expected %d (itt %#x)", off, t.got, t.itt)
 		case uint64(off)+uint64(n) > uint64(t.unsolLimit):
-			return protoErr("unsolicited data beyond FirstBurstLength/EDTL (itt %#x)", t.itt)
+			return s.dataPhaseError(t, "unsolicited data beyond FirstBurstLength/EDTL (itt %#x)", t.itt)
 		}
 	} else {
 		for i, x := range t.r2ts {
@@ -547,19 +557,23 @@ func (s *session) onDataOut(h *iscsi.BHS) error {
 		}
 		switch {
 		case r == nil:
-			return protoErr("Data-Out with unknown TTT %#x (itt %#x)", h.TTT(), t.itt)
+			return s.dataPhaseError(t, "Data-Out with unknown TTT %#x (itt %#x)", h.TTT(), t.itt)
 		case sn != r.dataSN:
-			return protoErr("Data-Out DataSN %d, expected %d (itt %#x)", sn, r.dataSN, t.itt)
+			return s.dataPhaseError(t, "Data-Out DataSN %d, expected %d (itt %#x)", sn, r.dataSN, t.itt)
 		case off != r.next || off != t.got:
-			return protoErr("Data-Out offset %d, expected %d (itt %#x)", off, r.next, t.itt)
+			return s.dataPhaseError(t, "Data-Out offset %d, expected %d (itt %#x)", off, r.next, t.itt)
 		case uint64(off)+uint64(n) > uint64(r.off)+uint64(r.len):
-			return protoErr("Data-Out beyond the R2T (itt %#x)", t.itt)
+			return s.dataPhaseError(t, "Data-Out beyond the R2T (itt %#x)", t.itt)
 		}
 	}
 	if err := rd.ReadData(t.buf[off : off+n]); err != nil {
 		if errors.Is(err, iscsi.ErrDataDigest) {
+			// ERL 0: reject the PDU and end the task; the connection
+			// survives.
 			s.reject(h, rejectDataDigest)
-			return protoErr("data digest error on Data-Out (itt %#x)", t.itt)
+			s.log.Warn("target: data digest error on Data-Out", "itt", t.itt)
+			s.finishTask(t, scsi.CheckResponse(scsi.Check(scsi.ReasonProtocolServiceCRCError), false))
+			return nil
 		}
 		return err
 	}
@@ -576,7 +590,9 @@ func (s *session) onDataOut(h *iscsi.BHS) error {
 		r.next += n
 		if h.Final() {
 			if r.next != r.off+r.len {
-				return protoErr("Data-Out sequence ended early (itt %#x)", t.itt)
+				s.log.Warn("target: Data-Out sequence ended early", "itt", t.itt)
+				s.finishTask(t, dataPhaseErrorResponse())
+				return nil
 			}
 			t.r2ts = append(t.r2ts[:ri], t.r2ts[ri+1:]...)
 			s.issueR2Ts(t)
@@ -584,6 +600,29 @@ func (s *session) onDataOut(h *iscsi.BHS) error {
 	}
 	s.maybeExecute(t)
 	return nil
+}
+
+// dataPhaseError ends t with CHECK CONDITION, ABORTED COMMAND / DATA PHASE
+// ERROR after a Data-Out broke the sequence rules (DataSN, offset, TTT,
+// burst bounds). At ERL 0 the RFC allows dropping the connection instead,
+// but ending only the task keeps the session's other commands alive. The
+// offending PDU's data is discarded; later Data-Out for the task find no
+// task and are discarded too.
+func (s *session) dataPhaseError(t *task, format string, args ...any) error {
+	s.log.Warn("target: Data-Out sequence error; failing the task", "itt", t.itt,
+		"err", fmt.Sprintf(format, args...))
+	if err := s.conn.rd.DiscardData(); err != nil && !errors.Is(err, iscsi.ErrDataDigest) {
+		return err
+	}
+	s.finishTask(t, dataPhaseErrorResponse())
+	return nil
+}
+
+// dataPhaseErrorResponse is fixed-format sense ABORTED COMMAND, 4B/00.
+func dataPhaseErrorResponse() *scsi.Response {
+	sense := make([]byte, 18)
+	sense[0], sense[2], sense[7], sense[12] = 0x70, scsi.SenseAbortedCommand, 10, 0x4B
+	return &scsi.Response{Status: scsi.StatusCheckCondition, Sense: sense}
 }
 
 // execute runs the command against its LU (or answers it at target level).
@@ -635,7 +674,12 @@ func (s *session) finishTask(t *task, resp *scsi.Response) {
 			s.maxCmdSN.Store(s.window.MaxCmdSN())
 		}
 	} else {
-		aborted = true
+		// Aborted while collecting data: abortLocked already retired it.
+		s.mu.Unlock()
+		if resp.Release != nil {
+			resp.Release()
+		}
+		return
 	}
 	s.mu.Unlock()
 	s.srv.putBuf(t.buf)
@@ -705,6 +749,9 @@ func (s *session) sendResponse(t *task, resp *scsi.Response) {
 			dataSN++
 			off += n
 			if !s.conn.send(p) {
+				if !last && resp.Release != nil {
+					resp.Release() // send released only the PDU it dropped
+				}
 				return
 			}
 		}

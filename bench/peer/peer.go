@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/url"
 	"os"
 	"os/exec"
@@ -22,8 +23,10 @@ type CHAP struct {
 
 // Options describe the one LUN every peer serves.
 type Options struct {
-	// Dir holds the backing file and the daemon log. It must exist.
+	// Dir holds the backing file. It must exist.
 	Dir string
+	// LogDir holds the daemon log, <peer>.log; empty means Dir.
+	LogDir string
 	// IQN is the target name.
 	IQN string
 	// Size of the LUN in bytes.
@@ -41,7 +44,12 @@ type Options struct {
 func (o Options) backingFile(peer string) string { return filepath.Join(o.Dir, peer+"-lun.img") }
 
 // LogPath is where the daemon's output goes.
-func (o Options) LogPath(peer string) string { return filepath.Join(o.Dir, peer+".log") }
+func (o Options) LogPath(peer string) string {
+	if o.LogDir != "" {
+		return filepath.Join(o.LogDir, peer+".log")
+	}
+	return filepath.Join(o.Dir, peer+".log")
+}
 
 // Target is a running peer serving one LUN.
 type Target struct {
@@ -150,25 +158,37 @@ func StartHasan(ctx context.Context, bin string, o Options) (*Target, error) {
 // (so it cannot collide with another tgtd on the machine) and configures one
 // target with the file as LUN 1.
 func StartTgt(ctx context.Context, o Options) (*Target, error) {
-	port, err := FreePort()
-	if err != nil {
-		return nil, err
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	t := &Target{Name: "tgt", IQN: o.IQN, LUN: 1, CHAP: o.CHAP, Portals: []string{addr}, Log: o.LogPath("tgt"), backing: o.backingFile("tgt")}
+	t := &Target{Name: "tgt", IQN: o.IQN, LUN: 1, CHAP: o.CHAP, Log: o.LogPath("tgt"), backing: o.backingFile("tgt")}
 	if err := PrepareFile(t.backing, o.Size, o.Thin); err != nil {
 		return nil, err
 	}
-	ctl := strconv.Itoa(port)
-	p, err := startProcess(t.Log, nil, "tgtd", "-f", "-C", ctl, "--iscsi", "portal="+addr)
-	if err != nil {
-		t.Close()
-		return nil, err
+	// tgtd's control port only names a unix socket (/var/run/tgtd/socket.N,
+	// N <= 32767); other tgtd instances on the machine may hold one, so a
+	// start that fails is retried with fresh numbers.
+	var ctl string
+	var lastErr error
+	for attempt := 0; attempt < 4 && t.proc == nil; attempt++ {
+		port, err := FreePort()
+		if err != nil {
+			return nil, err
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		ctl = strconv.Itoa(10000 + rand.IntN(22000))
+		p, err := startProcess(t.Log, nil, "tgtd", "-f", "-C", ctl, "--iscsi", "portal="+addr)
+		if err != nil {
+			t.Close()
+			return nil, err
+		}
+		if err := waitTCP(ctx, p, 15*time.Second, dialLoopback(addr)); err != nil {
+			p.stop(time.Second)
+			lastErr = fmt.Errorf("peer: tgtd: %w (log %s)", err, t.Log)
+			continue
+		}
+		t.proc, t.Portals = p, []string{addr}
 	}
-	t.proc = p
-	if err := waitTCP(ctx, p, 15*time.Second, dialLoopback(addr)); err != nil {
+	if t.proc == nil {
 		t.Close()
-		return nil, fmt.Errorf("peer: tgtd: %w (log %s)", err, t.Log)
+		return nil, lastErr
 	}
 	adm := func(args ...string) error {
 		full := append([]string{"-C", ctl, "--lld", "iscsi"}, args...)

@@ -222,6 +222,7 @@ func (n *Negotiator) Step(kvs []KV, stage uint8) (resp, security []KV, sendTarge
 			if kv.Value != "Discovery" && kv.Value != "Normal" {
 				return nil, nil, nil, fmt.Errorf("iscsi: SessionType=%q", kv.Value)
 			}
+			n.Declared[KeySessionType] = kv.Value
 		}
 	}
 	for _, kv := range kvs {
@@ -302,14 +303,14 @@ func (n *Negotiator) declareMRDS() KV {
 }
 
 // Finish returns declarations still owed before entering full feature phase
-// (our MaxRecvDataSegmentLength) and settles dependent values.
+// (our MaxRecvDataSegmentLength). FirstBurstLength is deliberately not
+// clamped to MaxBurstLength: an initiator that left FirstBurstLength at its
+// default sends that much unsolicited data, and refusing it would only break
+// the session.
 func (n *Negotiator) Finish() []KV {
 	var out []KV
 	if !n.declaredMRDS {
 		out = append(out, n.declareMRDS())
-	}
-	if n.Params.FirstBurstLength > n.Params.MaxBurstLength {
-		n.Params.FirstBurstLength = n.Params.MaxBurstLength
 	}
 	return out
 }

@@ -80,7 +80,7 @@ type Config struct {
 const (
 	maxTransferBytes   = 8 << 20 // per command; bounds the buffer a CDB can make us allocate
 	optimalXferBytes   = 1 << 20
-	maxWriteSameBlocks = 1 << 16
+	maxWriteSameBlocks = 1<<16 - 1 // below 64Ki blocks: libiscsi then skips its 64Ki-block WRITE(16) (beyond our max transfer)
 	maxUnmapBlocks     = 1 << 20
 	maxUnmapDescs      = 4095 // the most a 16-bit parameter list length can carry
 	maxCompareBlocks   = 255
@@ -106,6 +106,7 @@ type LogicalUnit struct {
 
 	ranges rangeLock
 	bufs   bufferPool
+	tasks  sync.Pool // *task, so dispatch allocates nothing per command
 
 	// Mode page state read on the hot path.
 	wce    atomic.Bool
@@ -299,17 +300,25 @@ func (lu *LogicalUnit) LUNsChanged() {
 // always returns a response; when ctx is cancelled it returns promptly and the
 // transport owns the abort.
 func (lu *LogicalUnit) Execute(ctx context.Context, cmd *Command) *Response {
-	t := task{ctx: ctx, cmd: cmd, cdb: cmd.CDB}
-	if err := lu.dispatch(&t); err != nil {
-		if t.resp != nil && t.resp.Release != nil {
-			t.resp.Release()
+	t, _ := lu.tasks.Get().(*task)
+	if t == nil {
+		t = new(task)
+	}
+	*t = task{ctx: ctx, cmd: cmd, cdb: cmd.CDB}
+	err := lu.dispatch(t)
+	resp := t.resp
+	*t = task{}
+	lu.tasks.Put(t)
+	if err != nil {
+		if resp != nil && resp.Release != nil {
+			resp.Release()
 		}
 		if ctx.Err() != nil {
 			return &Response{Status: StatusTaskAborted}
 		}
 		return CheckResponse(err, lu.dsense.Load())
 	}
-	return t.resp
+	return resp
 }
 
 // task is one command on its way through dispatch.

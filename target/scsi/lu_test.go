@@ -525,3 +525,23 @@ func TestGetLBAStatus(t *testing.T) {
 	c[1] = saGetLBAStatus
 	checkSense(t, tl.do(c, nil), senseLBAOOB)
 }
+
+func TestBuildSense(t *testing.T) {
+	e := &CheckError{Reason: ReasonMiscompareDuringVerify, Info: 1000, InfoValid: true}
+	fixed := BuildSense(e, false)
+	if fixed[0] != 0xF0 || binary.BigEndian.Uint32(fixed[3:7]) != 1000 || fixed[2] != SenseMiscompare || fixed[12] != 0x1D {
+		t.Fatalf("fixed %x", fixed)
+	}
+	desc := BuildSense(e, true)
+	if desc[0] != 0x72 || desc[8] != 0 || desc[9] != 0x0A || desc[10] != 0x80 || binary.BigEndian.Uint64(desc[12:20]) != 1000 {
+		t.Fatalf("descriptor %x", desc)
+	}
+	big := BuildSense(&CheckError{Reason: ReasonMiscompareDuringVerify, Info: 1 << 40, InfoValid: true}, false)
+	if big[0]&0x80 != 0 {
+		t.Fatal("fixed sense claims a VALID INFORMATION field that does not fit")
+	}
+	f := BuildSense(InvalidParamField(300, 3), true)
+	if f[7] != 8 || f[8] != 0x02 || f[12] != 0x8B || binary.BigEndian.Uint16(f[13:15]) != 300 {
+		t.Fatalf("descriptor field pointer %x", f)
+	}
+}

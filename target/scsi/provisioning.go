@@ -14,8 +14,9 @@ func allZero(p []byte) bool {
 }
 
 // writeSame serves WRITE SAME(10/16). The block really is written to every
-// LBA in the range (or the range is deallocated, when UNMAP is set on a thin
-// LU and the block is zeros, which read back as zeros: LBPRZ=1).
+// LBA in the range, unless UNMAP is set on a thin LU: then the range is
+// deallocated whatever the block holds (SBC-3 5.42; libiscsi checks that such
+// blocks read back as zeros since we report LBPRZ=1).
 func (lu *LogicalUnit) writeSame(t *task) *CheckError {
 	cdb := t.cdb
 	anchor := cdb[1]&0x10 != 0
@@ -55,7 +56,7 @@ func (lu *LogicalUnit) writeSame(t *task) *CheckError {
 		return Check(ReasonNone)
 	}
 	defer lu.ranges.unlock(h)
-	if unmapBit && zero {
+	if unmapBit {
 		if err := lu.be.Unmap(t.ctx, int64(r.lba<<lu.bsShift), int64(r.blocks<<lu.bsShift)); err != nil {
 			return lu.ioError(t, err, ReasonWriteError)
 		}

@@ -148,7 +148,8 @@ func BuildSense(e *CheckError, descriptor bool) []byte {
 	}
 	b := make([]byte, 18)
 	b[0] = 0x70
-	if e.InfoValid {
+	if e.InfoValid && e.Info <= 0xFFFFFFFF {
+		// VALID only when the value fits the 4-byte field (SPC-4 4.5.3).
 		b[0] |= 0x80
 		binary.BigEndian.PutUint32(b[3:7], uint32(e.Info))
 	}

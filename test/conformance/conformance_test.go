@@ -134,7 +134,7 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 	start := time.Now()
 	defer func() { r.Wall = time.Since(start) }()
 
-	o := peer.Options{Dir: dataDir, IQN: targetIQN, Size: lunSize, Thin: spec.thin, CHAP: spec.chap, Portals: 2}
+	o := peer.Options{Dir: dataDir, LogDir: outDir, IQN: targetIQN, Size: lunSize, Thin: spec.thin, CHAP: spec.chap, Portals: 2}
 	var tg *peer.Target
 	var err error
 	switch target {
@@ -157,10 +157,6 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 	defer func() {
 		if err := tg.Close(); err != nil {
 			log.Warn("stopping target", "err", err)
-		}
-		// Keep the daemon log next to the suite output.
-		if raw, err := os.ReadFile(tg.Log); err == nil {
-			_ = os.WriteFile(filepath.Join(outDir, "target.log"), raw, 0o644)
 		}
 	}()
 	r.Desc += fmt.Sprintf("; MultipathIO via %d portal(s)", len(tg.Portals))
@@ -191,7 +187,7 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 		errs = append(errs, fmt.Errorf("%w (iscsi-test-cu: %v)", err, runErr))
 	}
 	if !tg.Alive() {
-		errs = append(errs, fmt.Errorf("%s exited during the run (log %s)", target, filepath.Join(outDir, "target.log")))
+		errs = append(errs, fmt.Errorf("%s exited during the run (log %s)", target, tg.Log))
 	}
 	r.Err = errors.Join(errs...)
 	return r

@@ -177,20 +177,25 @@ func ParseVerbose(r io.Reader, catalog [][2]string) (*Report, error) {
 		rep.Tests = append(rep.Tests, *cur)
 		cur = nil
 	}
+	// content feeds one piece of a test's output. The result word starts a
+	// line (or follows "..."); text after it on the same line was logged by
+	// the next test's or suite's setup and does not change the outcome.
 	content := func(s string) {
 		t := strings.TrimSpace(s)
-		switch {
-		case t == "":
-		case cur.NoResult && t == "passed":
-			cur.NoResult = false
-			cur.Outcome = Passed
-			if cur.SkipReason() != "" {
-				cur.Outcome = Skipped
+		if cur.NoResult {
+			for word, outcome := range map[string]Outcome{"passed": Passed, "FAILED": Failed} {
+				if rest, ok := strings.CutPrefix(t, word); ok {
+					cur.NoResult = false
+					cur.Outcome = outcome
+					if outcome == Passed && cur.SkipReason() != "" {
+						cur.Outcome = Skipped
+					}
+					t = strings.TrimSpace(rest)
+					break
+				}
 			}
-		case cur.NoResult && t == "FAILED":
-			cur.NoResult = false
-			cur.Outcome = Failed
-		default:
+		}
+		if t != "" {
 			cur.Messages = append(cur.Messages, t)
 		}
 	}

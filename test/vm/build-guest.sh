@@ -98,7 +98,8 @@ while read -r verb path _; do
     *) cp "$root$path" "$ird/modules/$name" ;;
   esac
   grep -qx "$name" "$ird/modules/order" || echo "$name" >>"$ird/modules/order"
-done < <(for m in "${initrd_modules[@]}"; do modprobe -d "$root" -S "$kver" --show-depends "$m"; done)
+done < <(for m in "${initrd_modules[@]}"; do chroot "$root" modprobe -S "$kver" --show-depends "$m"; done)
+[[ -s $ird/modules/order ]] || log "no modules for ${initrd_modules[*]}: assuming they are built in"
 log "initramfs modules: $(tr '\n' ' ' <"$ird/modules/order")"
 (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$tmp/initrd.cpio.gz"
 
