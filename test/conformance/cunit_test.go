@@ -230,3 +230,19 @@ func TestVerdict(t *testing.T) {
 		}
 	}
 }
+
+// The checked-in allowlist must parse, so a broken edit fails plain go test
+// rather than the long conformance run.
+func TestSkipsFileParses(t *testing.T) {
+	a, err := loadAllowlist("skips.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range a.Rules {
+		for _, run := range r.Runs {
+			if run != "*" && run != "thick" && run != "thin" && run != "chap" {
+				t.Errorf("skips.txt:%d: unknown run %q", r.Line, run)
+			}
+		}
+	}
+}

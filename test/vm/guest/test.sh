@@ -303,6 +303,7 @@ multipath_io() {
 	local m=/dev/mapper/$wwid w1 w2
 	w1=$(writes_of "$disk1")
 	w2=$(writes_of "$disk2")
+	echo "t=$(now) start"
 	if [ "$A_OK" = 1 ]; then
 		mount "$m" /mnt || return 1
 		(cd /mnt && sha256sum -c --quiet /tmp/sums) || { umount /mnt; echo "run A data differs through multipath"; return 1; }
@@ -311,13 +312,18 @@ multipath_io() {
 		mkfs.ext4 -q -F "$m" || return 1
 		mount "$m" /mnt || return 1
 	fi
+	echo "t=$(now) writing"
 	dd if=/dev/urandom of=/mnt/mp bs=1M count=16 oflag=direct status=none || { umount /mnt; return 1; }
 	(cd /mnt && sha256sum mp) >/tmp/mpsum
+	echo "t=$(now) umount"
 	umount /mnt || return 1
 	echo 3 >/proc/sys/vm/drop_caches
+	echo "t=$(now) mount"
 	mount "$m" /mnt || return 1
+	echo "t=$(now) verify"
 	(cd /mnt && sha256sum -c --quiet /tmp/mpsum) || { umount /mnt; return 1; }
 	umount /mnt || return 1
+	echo "t=$(now) done"
 	w1=$(($(writes_of "$disk1") - w1))
 	w2=$(($(writes_of "$disk2") - w2))
 	echo "writes per path: $disk1 +$w1, $disk2 +$w2"
