@@ -128,24 +128,22 @@ func (b *File) ReadAt(_ context.Context, p []byte, off int64) error {
 }
 
 // WriteAt stores p at off; with fua the data is on stable storage on return.
-func (b *File) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
-	flags := 0
-	if fua {
-		flags = unix.RWF_DSYNC
+func (b *File) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if !fua {
+		return b.writePlain(p, off)
 	}
 	for len(p) > 0 {
-		n, err := unix.Pwritev2(int(b.f.Fd()), [][]byte{p}, off, flags)
-		if err == unix.EOPNOTSUPP && fua {
+		n, err := unix.Pwritev2(int(b.f.Fd()), [][]byte{p}, off, unix.RWF_DSYNC)
+		switch {
+		case err == unix.EOPNOTSUPP:
 			// Kernels or filesystems without RWF_DSYNC: write, then sync.
 			if err := b.writePlain(p, off); err != nil {
 				return err
 			}
-			return b.Flush(context.Background())
-		}
-		if err != nil {
-			if err == unix.EINTR {
-				continue
-			}
+			return b.Flush(ctx)
+		case err == unix.EINTR:
+			continue
+		case err != nil:
 			return fmt.Errorf("filebackend: write %s at %d: %w", b.path, off, err)
 		}
 		p, off = p[n:], off+int64(n)
