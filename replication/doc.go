@@ -1,9 +1,29 @@
-// Package replication will own a volume's replicas on each node: the
-// primary's synchronous write fan-out to the in-sync set, the replica server,
-// dirty-region tracking, resync and online verify (issue 3). A replicated
-// volume satisfies target/scsi.Backend using only standard types, so this
-// package never imports target/.
+// Package replication owns a volume's replicas on each node: the primary's
+// synchronous write fan-out to the in-sync set (ISR), the replica server,
+// epoch fencing, dirty-region tracking with an activity log, incremental and
+// full resync, and online verify with repair. A replicated Volume satisfies
+// target/scsi.Backend using only standard types, so this package never
+// imports target/ (nor cluster/, fencing/, vip/ or webui/).
 //
-// Nothing is implemented yet; the package exists so the layout matches the
-// product card.
+// The protocol is two pure state machines. Primary is fed events (Propose,
+// LocalDone, Step, PeerConnected, PeerDown, MembershipResult, Tick, Verify)
+// and returns a Ready batch {Persist, Local, Send, Disconnect, Propose,
+// Acks, Verified, Unhealthy}; Replica is fed messages and returns a
+// ReplicaReady {Persist, Barrier, IO, Send}. Neither performs I/O. The
+// shells (Volume on the primary, Server on replicas) run them:
+//
+//	for core.HasReady() {
+//		rd := core.Ready()
+//		SaveMeta(rd.Persist)           // durable first: activity log, dirty bits, epoch
+//		issue rd.Local; send rd.Send   // results come back as LocalDone / Step events
+//		hand rd.Propose to Membership  // result comes back as MembershipResult
+//		complete rd.Acks               // only now is the initiator answered
+//	}
+//
+// ISR changes go through the Membership interface (implemented on Raft by
+// cluster/; MemMembership here enforces the same rules). Tests drive the
+// state machines from scripts in testdata/ (go test -run TestScripts
+// -rewrite regenerates them) and the shells over real TLS on loopback.
+// docs/replication.md describes the protocol, guarantees, on-disk format
+// and failure semantics.
 package replication

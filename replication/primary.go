@@ -1,0 +1,977 @@
+package replication
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+)
+
+// ErrLocalDisk marks an I/O error on the primary's own replica.
+var ErrLocalDisk = errors.New("replication: local disk error")
+
+// ErrClosed is returned for requests after the volume was closed.
+var ErrClosed = errors.New("replication: volume closed")
+
+// PrimaryConfig configures the primary state machine.
+type PrimaryConfig struct {
+	Self string
+	// Peers lists every replica node of the volume except Self.
+	Peers []string
+	// NewGen returns a fresh random generation identifier (never 0). Tests
+	// pass a counter so scripts are deterministic.
+	NewGen func() uint64
+	// ALSlots bounds the activity log (regions). Regions stay in the log
+	// after their writes finish until the slots are needed, so a workload
+	// with locality pays one metadata write per newly touched region, not per
+	// write. Default 127.
+	ALSlots int
+	// ResyncWindow is how many resync chunks may be in flight per peer.
+	// Default 4.
+	ResyncWindow int
+	// AckTimeoutTicks drops a peer that leaves a message unanswered for this
+	// many ticks. 0 disables it.
+	AckTimeoutTicks int
+}
+
+type peerMode uint8
+
+const (
+	peerDown peerMode = iota
+	peerHello
+	peerUp
+)
+
+func (m peerMode) String() string { return [...]string{"down", "hello", "up"}[m] }
+
+type peer struct {
+	id       string
+	mode     peerMode
+	inISR    bool
+	removing bool // removal from the ISR started, not yet committed
+	proposed bool // removal handed to Membership
+	adding   bool // catch-up proof sent, add not yet committed
+	knownGen uint64
+	inflight int    // resync chunks in flight
+	cursor   uint64 // next region to consider for resync
+	done     int64  // resync bytes copied since the last handshake
+	total    int64
+	lastErr  string
+}
+
+type opKind uint8
+
+const (
+	opUser opKind = iota
+	opResync
+	opVerify
+	opGen
+	opAL
+)
+
+type op struct {
+	token   uint64
+	kind    opKind
+	req     Request
+	peer    string // resync and gen target
+	region  uint64
+	lo, hi  int64 // locked byte range; lo == hi locks nothing
+	issued  bool
+	local   bool // local part done
+	lerr    error
+	acked   map[string]bool   // peers whose ack is awaited (false) or received (true)
+	sent    map[string]uint64 // peer → seq
+	need    map[string]bool   // ISR peers the initiator ack waits for
+	sums    map[string][]byte
+	tick    int
+	done    bool // acknowledged to the initiator
+	repair  bool
+	addGen  uint64 // opGen: generation being installed
+	forAdd  bool   // opGen: propose AddToISR once acked
+	release bool
+}
+
+// Primary is the primary's replication protocol as a pure state machine. It
+// performs no I/O: every event method records outputs that Ready returns.
+// It is not safe for concurrent use; the shell serializes calls.
+type Primary struct {
+	cfg      PrimaryConfig
+	meta     *Meta
+	isr      map[string]bool // committed ISR members other than Self
+	peers    map[string]*peer
+	order    []string
+	ops      map[uint64]*op // by token
+	bySeq    map[uint64]*op
+	queue    []*op // not yet issued (range conflict)
+	active   []*op // issued, not released
+	alRefs   map[uint64]int
+	next     uint64 // token and sequence counter
+	ticks    int
+	fenced   error
+	diskErr  error
+	rd       Ready
+	persist  bool // meta changed and must be durable before this Ready
+	lazy     int  // cleared dirty bits not yet persisted
+}
+
+// NewPrimary builds the state machine from this node's metadata and the
+// committed membership state. meta is owned by the Primary afterwards.
+func NewPrimary(cfg PrimaryConfig, meta *Meta, st MembershipState) (*Primary, error) {
+	if st.Primary != cfg.Self {
+		return nil, fmt.Errorf("%w: membership names %s", ErrNotPrimary, st.Primary)
+	}
+	if meta.Epoch > st.Epoch {
+		return nil, fmt.Errorf("%w: local metadata has epoch %d > %d", ErrStaleEpoch, meta.Epoch, st.Epoch)
+	}
+	if cfg.NewGen == nil {
+		return nil, errors.New("replication: PrimaryConfig.NewGen is required")
+	}
+	if cfg.ALSlots <= 0 {
+		cfg.ALSlots = 127
+	}
+	if cfg.ResyncWindow <= 0 {
+		cfg.ResyncWindow = 4
+	}
+	p := &Primary{
+		cfg: cfg, meta: meta,
+		isr:    make(map[string]bool),
+		peers:  make(map[string]*peer),
+		ops:    make(map[uint64]*op),
+		bySeq:  make(map[uint64]*op),
+		alRefs: make(map[uint64]int),
+	}
+	meta.Epoch = st.Epoch
+	if meta.Gen == 0 {
+		meta.Gen = cfg.NewGen()
+	}
+	if meta.Peers == nil {
+		meta.Peers = make(map[string]*PeerMeta)
+	}
+	for _, id := range cfg.Peers {
+		pe := &peer{id: id}
+		if st.InISR(id) {
+			p.isr[id] = true
+			pe.inISR = true
+			// ISR members hold this node's lineage: that is what the ISR
+			// means, and the generation is bumped before anyone leaves it.
+			pe.knownGen = meta.Gen
+		}
+		p.peers[id] = pe
+		p.order = append(p.order, id)
+		// After a crash the regions of the activity log may differ between
+		// this node and every replica: resync them all.
+		if len(meta.AL) > 0 {
+			pm := meta.Peers[id]
+			if pm == nil && pe.inISR {
+				pm = &PeerMeta{Base: meta.Gen, Dirty: NewBitmap(meta.Regions())}
+				meta.Peers[id] = pm
+			}
+			if pm != nil {
+				for _, r := range meta.AL {
+					pm.Dirty.Set(r)
+				}
+			}
+		}
+	}
+	sort.Strings(p.order)
+	p.persist = true
+	return p, nil
+}
+
+// Meta is the current metadata (read-only for callers).
+func (p *Primary) Meta() *Meta { return p.meta }
+
+// Epoch is the primary's epoch.
+func (p *Primary) Epoch() uint64 { return p.meta.Epoch }
+
+// Fenced reports why the primary stopped (stale epoch), or nil.
+func (p *Primary) Fenced() error { return p.fenced }
+
+// HasReady reports whether Ready would return anything.
+func (p *Primary) HasReady() bool { return p.persist || !p.rd.Empty() }
+
+// Ready returns and clears the accumulated outputs; see Ready's doc for the
+// order in which the shell must carry them out.
+func (p *Primary) Ready() Ready {
+	rd := p.rd
+	p.rd = Ready{}
+	if p.persist {
+		rd.Persist = p.meta.Clone()
+		p.persist = false
+		p.lazy = 0
+	}
+	return rd
+}
+
+func (p *Primary) nextID() uint64 { p.next++; return p.next }
+
+func (p *Primary) regionsOf(lo, hi int64) (uint64, uint64) {
+	rs := p.meta.RegionSize
+	return uint64(lo / rs), uint64((hi - 1) / rs)
+}
+
+func (p *Primary) regionRange(r uint64) (int64, int64) {
+	lo := int64(r) * p.meta.RegionSize
+	hi := min(lo+p.meta.RegionSize, p.meta.Size)
+	return lo, hi
+}
+
+// Propose starts a request from the initiator.
+func (p *Primary) Propose(r Request) {
+	if p.fenced != nil {
+		p.rd.Acks = append(p.rd.Acks, Ack{ID: r.ID, Err: p.fenced})
+		return
+	}
+	o := &op{token: p.nextID(), kind: opUser, req: r}
+	switch r.Kind {
+	case ReqWrite:
+		o.lo, o.hi = r.Off, r.Off+int64(len(r.Data))
+	case ReqUnmap:
+		o.lo, o.hi = r.Off, r.Off+r.Len
+	}
+	p.ops[o.token] = o
+	p.enqueue(o)
+}
+
+func (p *Primary) overlapsActive(o *op) bool {
+	if o.lo == o.hi {
+		return false
+	}
+	for _, a := range p.active {
+		if a.lo < o.hi && o.lo < a.hi {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *Primary) enqueue(o *op) {
+	if len(p.queue) == 0 && !p.overlapsActive(o) {
+		p.issue(o)
+		return
+	}
+	p.queue = append(p.queue, o)
+	p.drainQueue()
+}
+
+// drainQueue issues queued ops in order; an op waits while it overlaps an
+// active op or an earlier queued one, so overlapping writes reach every
+// replica in the order they were proposed.
+func (p *Primary) drainQueue() {
+	var keep []*op
+	for _, o := range p.queue {
+		blocked := p.overlapsActive(o)
+		for _, k := range keep {
+			if k.lo < o.hi && o.lo < k.hi {
+				blocked = true
+			}
+		}
+		if blocked {
+			keep = append(keep, o)
+			continue
+		}
+		p.issue(o)
+	}
+	p.queue = keep
+}
+
+func (p *Primary) send(to string, m Message) uint64 {
+	m.Epoch = p.meta.Epoch
+	if m.Seq == 0 && m.Type != MsgHello {
+		m.Seq = p.nextID()
+	}
+	p.rd.Send = append(p.rd.Send, Envelope{To: to, Msg: m})
+	return m.Seq
+}
+
+func (p *Primary) markDirty(id string, lo, hi int64) {
+	pm := p.meta.Peers[id]
+	if pm == nil {
+		pe := p.peers[id]
+		pm = &PeerMeta{Base: pe.knownGen, Dirty: NewBitmap(p.meta.Regions())}
+		p.meta.Peers[id] = pm
+	}
+	if hi <= lo {
+		return
+	}
+	a, b := p.regionsOf(lo, hi)
+	for r := a; r <= b; r++ {
+		if pm.Dirty.Set(r) {
+			p.persist = true
+			p.peers[id].total += p.regionLen(r)
+		}
+	}
+}
+
+func (p *Primary) regionLen(r uint64) int64 { lo, hi := p.regionRange(r); return hi - lo }
+
+func (p *Primary) touchAL(lo, hi int64) {
+	a, b := p.regionsOf(lo, hi)
+	changed := false
+	for r := a; r <= b; r++ {
+		p.alRefs[r]++
+		if i := slices.Index(p.meta.AL, r); i >= 0 {
+			p.meta.AL = append(slices.Delete(p.meta.AL, i, i+1), r)
+			continue
+		}
+		p.meta.AL = append(p.meta.AL, r)
+		changed = true
+	}
+	if !changed {
+		return
+	}
+	// Evict the least recently used idle regions beyond the slot count.
+	for i := 0; len(p.meta.AL) > p.cfg.ALSlots && i < len(p.meta.AL); {
+		if p.alRefs[p.meta.AL[i]] == 0 {
+			p.meta.AL = slices.Delete(p.meta.AL, i, i+1)
+			continue
+		}
+		i++
+	}
+	p.persist = true
+	// Replicas keep a copy so that, if this node dies, whichever of them is
+	// promoted knows which regions may differ among the survivors.
+	for _, id := range p.order {
+		if p.peers[id].mode == peerUp {
+			p.send(id, Message{Type: MsgAL, Regions: slices.Clone(p.meta.AL)})
+		}
+	}
+}
+
+func (p *Primary) issue(o *op) {
+	o.issued = true
+	o.tick = p.ticks
+	o.acked = make(map[string]bool)
+	o.sent = make(map[string]uint64)
+	o.need = make(map[string]bool)
+	p.active = append(p.active, o)
+	switch o.kind {
+	case opUser:
+		p.issueUser(o)
+	case opResync:
+		p.rd.Local = append(p.rd.Local, LocalOp{Token: o.token, Kind: LocalRead, Off: o.lo, Len: o.hi - o.lo})
+	case opVerify:
+		p.rd.Local = append(p.rd.Local, LocalOp{Token: o.token, Kind: LocalSum, Off: o.lo, Len: o.hi - o.lo})
+		o.sums = make(map[string][]byte)
+		for _, id := range p.order {
+			pe := p.peers[id]
+			if pe.inISR && pe.mode == peerUp && !pe.removing {
+				o.acked[id] = false
+				seq := p.send(id, Message{Type: MsgChecksum, Off: o.lo, Len: o.hi - o.lo})
+				o.sent[id] = seq
+				p.bySeq[seq] = o
+			}
+		}
+	}
+	p.check(o)
+}
+
+func (p *Primary) issueUser(o *op) {
+	r := o.req
+	var m Message
+	var lop LocalOp
+	switch r.Kind {
+	case ReqWrite:
+		p.touchAL(o.lo, o.hi)
+		m = Message{Type: MsgWrite, Off: r.Off, Data: r.Data}
+		if r.FUA {
+			m.Flags |= FlagFUA
+		}
+		lop = LocalOp{Kind: LocalWrite, Off: r.Off, Len: int64(len(r.Data)), Data: r.Data, FUA: r.FUA}
+	case ReqUnmap:
+		p.touchAL(o.lo, o.hi)
+		m = Message{Type: MsgUnmap, Off: r.Off, Len: r.Len}
+		lop = LocalOp{Kind: LocalUnmap, Off: r.Off, Len: r.Len}
+	case ReqFlush:
+		m = Message{Type: MsgFlush}
+		lop = LocalOp{Kind: LocalFlush}
+	case ReqResize:
+		m = Message{Type: MsgResize, Len: r.Len}
+		lop = LocalOp{Kind: LocalResize, Len: r.Len}
+	}
+	lop.Token = o.token
+	p.rd.Local = append(p.rd.Local, lop)
+	for _, id := range p.order {
+		pe := p.peers[id]
+		if pe.inISR {
+			o.need[id] = true
+		}
+		// Flushes matter only to ISR members; everything else also goes to
+		// a resyncing replica so it converges while the volume is busy.
+		if pe.mode == peerUp && (r.Kind != ReqFlush || pe.inISR) {
+			seq := p.send(id, m)
+			o.sent[id] = seq
+			o.acked[id] = false
+			p.bySeq[seq] = o
+		} else if o.hi > o.lo {
+			p.markDirty(id, o.lo, o.hi)
+		}
+	}
+}
+
+// check acknowledges and releases o when its conditions hold.
+func (p *Primary) check(o *op) {
+	if !o.issued || o.release {
+		return
+	}
+	switch o.kind {
+	case opUser:
+		if !o.done && o.local {
+			ok := true
+			if o.lerr == nil {
+				for id := range o.need {
+					if p.isr[id] && !o.acked[id] {
+						ok = false
+					}
+				}
+			}
+			if ok {
+				o.done = true
+				p.rd.Acks = append(p.rd.Acks, Ack{ID: o.req.ID, Err: o.lerr})
+				if o.req.Kind == ReqResize && o.lerr == nil {
+					p.grow(o.req.Len)
+				}
+			}
+		}
+		if o.done && p.allSentAcked(o) {
+			p.releaseOp(o)
+		}
+	case opResync:
+		if o.local && p.allSentAcked(o) {
+			p.releaseOp(o)
+		}
+	case opVerify:
+		if o.local && p.allSentAcked(o) {
+			p.finishVerify(o)
+			p.releaseOp(o)
+		}
+	case opGen:
+		if p.allSentAcked(o) {
+			p.releaseOp(o)
+			p.afterGen(o)
+		}
+	}
+}
+
+func (p *Primary) allSentAcked(o *op) bool {
+	for id, ok := range o.acked {
+		if !ok && p.peers[id].mode == peerUp {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *Primary) releaseOp(o *op) {
+	o.release = true
+	delete(p.ops, o.token)
+	for _, seq := range o.sent {
+		delete(p.bySeq, seq)
+	}
+	if i := slices.Index(p.active, o); i >= 0 {
+		p.active = slices.Delete(p.active, i, i+1)
+	}
+	if o.kind == opUser && o.hi > o.lo && (o.req.Kind == ReqWrite || o.req.Kind == ReqUnmap) {
+		a, b := p.regionsOf(o.lo, o.hi)
+		for r := a; r <= b; r++ {
+			p.alRefs[r]--
+		}
+	}
+	if o.kind == opResync {
+		p.peers[o.peer].inflight--
+	}
+	p.drainQueue()
+	p.pumpResync()
+}
+
+func (p *Primary) grow(size int64) {
+	if size <= p.meta.Size {
+		return
+	}
+	p.meta.Size = size
+	n := p.meta.Regions()
+	for _, pm := range p.meta.Peers {
+		pm.Dirty.Grow(n)
+	}
+	p.persist = true
+}
+
+// LocalDone reports the outcome of a LocalOp. data is the region read for
+// LocalRead, or the checksum for LocalSum.
+func (p *Primary) LocalDone(token uint64, err error, data []byte) {
+	o := p.ops[token]
+	if o == nil || o.local {
+		return
+	}
+	o.local = true
+	if err != nil {
+		err = fmt.Errorf("%w: %w", ErrLocalDisk, err)
+		o.lerr = err
+		if p.diskErr == nil {
+			p.diskErr = err
+			p.rd.Unhealthy = err
+		}
+	}
+	switch o.kind {
+	case opResync:
+		pe := p.peers[o.peer]
+		if err == nil && pe.mode == peerUp {
+			seq := p.send(o.peer, Message{Type: MsgWrite, Flags: FlagResync, Off: o.lo, Data: data})
+			o.sent[o.peer] = seq
+			o.acked[o.peer] = false
+			p.bySeq[seq] = o
+		}
+	case opVerify:
+		o.sums[p.cfg.Self] = data
+	}
+	p.check(o)
+}
+
+// PeerConnected reports a fresh connection to peer: the handshake starts.
+func (p *Primary) PeerConnected(id string) {
+	pe := p.peers[id]
+	if pe == nil || p.fenced != nil {
+		return
+	}
+	pe.mode = peerHello
+	p.send(id, Message{Type: MsgHello, Volume: p.meta.Volume, From: p.cfg.Self, Gen: p.meta.Gen, Len: p.meta.Size})
+}
+
+// PeerDown reports that peer is unreachable, timed out or failed an I/O.
+// Writes it missed are marked dirty; if it is in the ISR its removal is
+// started and writes wait until the removal commits.
+func (p *Primary) PeerDown(id string, reason error) {
+	pe := p.peers[id]
+	if pe == nil {
+		return
+	}
+	if reason != nil {
+		pe.lastErr = reason.Error()
+	}
+	wasUp := pe.mode != peerDown
+	pe.mode = peerDown
+	pe.adding = false
+	if wasUp {
+		p.rd.Disconnect = append(p.rd.Disconnect, id)
+	}
+	for _, o := range slices.Clone(p.active) {
+		if seq, ok := o.sent[id]; ok && !o.acked[id] {
+			delete(p.bySeq, seq)
+			if o.kind == opUser && o.hi > o.lo {
+				p.markDirty(id, o.lo, o.hi)
+			}
+		}
+	}
+	if pe.inISR && !pe.removing {
+		p.startRemoval(id)
+	}
+	for _, o := range slices.Clone(p.active) {
+		p.check(o)
+	}
+}
+
+// startRemoval begins taking id out of the ISR: dirty tracking for it starts
+// and the generation moves on (told to the remaining ISR members first), so
+// that id's old generation can later be matched against this bitmap.
+func (p *Primary) startRemoval(id string) {
+	pe := p.peers[id]
+	pe.removing = true
+	p.markDirty(id, 0, 0)
+	if pm := p.meta.Peers[id]; pm.Dirty.Count() == 0 || pm.Base == 0 {
+		pm.Base = pe.knownGen
+	}
+	p.meta.Gen = p.cfg.NewGen()
+	p.persist = true
+	g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen}
+	p.ops[g.token] = g
+	g.issued = true
+	g.acked = make(map[string]bool)
+	g.sent = make(map[string]uint64)
+	p.active = append(p.active, g)
+	for _, oid := range p.order {
+		o := p.peers[oid]
+		if o.inISR && !o.removing && o.mode == peerUp {
+			seq := p.send(oid, Message{Type: MsgGen, Gen: g.addGen})
+			g.sent[oid] = seq
+			g.acked[oid] = false
+			p.bySeq[seq] = g
+		}
+	}
+	p.check(g)
+}
+
+func (p *Primary) afterGen(g *op) {
+	if g.forAdd {
+		pe := p.peers[g.peer]
+		if pe.mode == peerUp && g.acked[g.peer] && !pe.inISR && p.dirtyBytes(g.peer) == 0 && p.meta.Gen == g.addGen {
+			pe.adding = true
+			p.rd.Propose = append(p.rd.Propose, Proposal{Kind: ProposeAdd, Peer: g.peer, Epoch: p.meta.Epoch,
+				Proof: CatchUp{PrimaryGen: p.meta.Gen, ReplicaGen: pe.knownGen}})
+		}
+		return
+	}
+	for _, id := range p.order {
+		pe := p.peers[id]
+		if pe.removing && !pe.proposed {
+			pe.proposed = true
+			p.rd.Propose = append(p.rd.Propose, Proposal{Kind: ProposeRemove, Peer: id, Epoch: p.meta.Epoch})
+		}
+	}
+}
+
+func (p *Primary) dirtyBytes(id string) int64 {
+	pm := p.meta.Peers[id]
+	if pm == nil {
+		return 0
+	}
+	var n int64
+	for _, r := range pm.Dirty.Bits() {
+		n += p.regionLen(r)
+	}
+	return n
+}
+
+// MembershipResult feeds back the outcome of a Proposal.
+func (p *Primary) MembershipResult(pr Proposal, st MembershipState, err error) {
+	pe := p.peers[pr.Peer]
+	if err != nil {
+		if errors.Is(err, ErrStaleEpoch) || errors.Is(err, ErrNotPrimary) {
+			p.fence(err)
+			return
+		}
+		// Anything else (e.g. a replica that fell behind again) is retried
+		// by the next event that needs it.
+		if pr.Kind == ProposeRemove {
+			pe.proposed = false
+			p.afterGen(&op{})
+		} else {
+			pe.adding = false
+			p.pumpResync()
+		}
+		return
+	}
+	for _, id := range p.order {
+		in := st.InISR(id)
+		q := p.peers[id]
+		if in && !q.inISR {
+			q.inISR, q.adding = true, false
+			q.knownGen = p.meta.Gen
+			if pm := p.meta.Peers[id]; pm != nil && pm.Dirty.Count() == 0 {
+				delete(p.meta.Peers, id)
+				p.persist = true
+			}
+			// In-flight writes already sent to it now need its ack too.
+			for _, o := range p.active {
+				if _, ok := o.sent[id]; ok && o.kind == opUser {
+					o.need[id] = true
+				}
+			}
+			if q.mode != peerUp || p.dirtyBytes(id) > 0 {
+				p.startRemoval(id)
+			}
+		}
+		if !in && q.inISR {
+			q.inISR, q.removing, q.proposed = false, false, false
+		}
+		p.isr[id] = q.inISR
+	}
+	for _, o := range slices.Clone(p.active) {
+		p.check(o)
+	}
+}
+
+func (p *Primary) fence(err error) {
+	if p.fenced != nil {
+		return
+	}
+	p.fenced = fmt.Errorf("replication: primary %s at epoch %d fenced: %w", p.cfg.Self, p.meta.Epoch, err)
+	for _, o := range append(slices.Clone(p.active), p.queue...) {
+		if o.kind == opUser && !o.done {
+			o.done = true
+			p.rd.Acks = append(p.rd.Acks, Ack{ID: o.req.ID, Err: p.fenced})
+		}
+	}
+	p.active, p.queue = nil, nil
+	for _, id := range p.order {
+		if p.peers[id].mode != peerDown {
+			p.peers[id].mode = peerDown
+			p.rd.Disconnect = append(p.rd.Disconnect, id)
+		}
+	}
+}
+
+// Step handles a message from a replica.
+func (p *Primary) Step(from string, m Message) {
+	pe := p.peers[from]
+	if pe == nil || pe.mode == peerDown || p.fenced != nil {
+		return
+	}
+	switch m.Type {
+	case MsgReject:
+		if m.Epoch > p.meta.Epoch {
+			p.fence(fmt.Errorf("%w: %s has seen epoch %d", ErrStaleEpoch, from, m.Epoch))
+			return
+		}
+		p.PeerDown(from, fmt.Errorf("replication: %s rejected: %s", from, m.Err))
+	case MsgHelloAck:
+		if pe.mode == peerHello {
+			p.handshake(pe, m)
+		}
+	case MsgAck:
+		o := p.bySeq[m.Seq]
+		if o == nil {
+			return
+		}
+		if m.Err != "" {
+			p.PeerDown(from, fmt.Errorf("replication: %s: %s", from, m.Err))
+			return
+		}
+		o.acked[from] = true
+		delete(p.bySeq, m.Seq)
+		switch o.kind {
+		case opResync:
+			if pm := p.meta.Peers[from]; pm != nil && pm.Dirty.Test(o.region) {
+				pm.Dirty.Clear(o.region)
+				pe.done += o.hi - o.lo
+				// Clearing late is safe (the region is merely copied
+				// again), so cleared bits are persisted in batches.
+				p.lazy++
+				if p.lazy >= 64 || pm.Dirty.Count() == 0 {
+					p.persist = true
+				}
+			}
+		case opVerify:
+			o.sums[from] = m.Data
+		case opGen:
+			pe.knownGen = o.addGen
+		}
+		p.check(o)
+	}
+}
+
+func (p *Primary) handshake(pe *peer, m Message) {
+	id := pe.id
+	pm := p.meta.Peers[id]
+	switch {
+	case m.Gen != 0 && pm != nil && m.Gen == pm.Base:
+		// Incremental: the bitmap kept since it left, plus whatever the
+		// replica's activity log says may differ.
+	case m.Gen != 0 && pe.inISR && !pe.removing && m.Gen == p.meta.Gen:
+		// Same lineage and in the ISR: only activity-log regions (its own
+		// and those recorded here after a crash) may differ.
+		if pm == nil {
+			p.markDirty(id, 0, 0)
+		}
+		p.meta.Peers[id].Base = m.Gen
+	default:
+		// Unknown lineage: full sync. The replica is first given a new
+		// generation that this bitmap is relative to, so an interrupted full
+		// sync resumes instead of restarting.
+		if pe.inISR && !pe.removing {
+			p.startRemoval(id)
+		}
+		base := p.cfg.NewGen()
+		pm = &PeerMeta{Base: base, Dirty: NewBitmap(p.meta.Regions())}
+		pm.Dirty.SetAll()
+		p.meta.Peers[id] = pm
+		p.persist = true
+		p.send(id, Message{Type: MsgGen, Gen: base})
+		pe.knownGen = base
+		pe.done, pe.total = 0, p.dirtyBytes(id)
+	}
+	// An ISR member that missed a write still waiting for it cannot catch
+	// up in place: that write would wait on a resync that waits on it.
+	for _, o := range p.active {
+		if _, sent := o.sent[id]; o.need[id] && !sent && pe.inISR && !pe.removing {
+			p.startRemoval(id)
+		}
+	}
+	pm = p.meta.Peers[id]
+	for _, r := range m.Regions {
+		if pm.Dirty.Set(r) {
+			p.persist = true
+		}
+	}
+	if pe.knownGen == 0 {
+		pe.knownGen = m.Gen
+	}
+	pe.mode = peerUp
+	pe.cursor = 0
+	pe.done, pe.total = 0, p.dirtyBytes(id)
+	if m.Len < p.meta.Size {
+		p.send(id, Message{Type: MsgResize, Len: p.meta.Size})
+	}
+	p.send(id, Message{Type: MsgAL, Regions: slices.Clone(p.meta.AL)})
+	p.pumpResync()
+}
+
+// pumpResync starts resync chunks for connected peers with dirty regions,
+// and proposes a caught-up replica for the ISR.
+func (p *Primary) pumpResync() {
+	if p.fenced != nil {
+		return
+	}
+	for _, id := range p.order {
+		pe := p.peers[id]
+		pm := p.meta.Peers[id]
+		if pe.mode != peerUp || pm == nil {
+			continue
+		}
+		for pe.inflight < p.cfg.ResyncWindow {
+			r, ok := p.nextResyncRegion(pe, pm)
+			if !ok {
+				break
+			}
+			lo, hi := p.regionRange(r)
+			o := &op{token: p.nextID(), kind: opResync, peer: id, region: r, lo: lo, hi: hi}
+			p.ops[o.token] = o
+			pe.inflight++
+			p.issue(o)
+		}
+		if pe.inflight == 0 && pm.Dirty.Count() == 0 && !pe.inISR && !pe.adding && !pe.removing {
+			// Caught up: install the current generation, then ask to rejoin.
+			pe.adding = true
+			g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen, forAdd: true, peer: id, issued: true,
+				acked: map[string]bool{id: false}, sent: map[string]uint64{}}
+			p.ops[g.token] = g
+			p.active = append(p.active, g)
+			seq := p.send(id, Message{Type: MsgGen, Gen: g.addGen})
+			g.sent[id] = seq
+			p.bySeq[seq] = g
+		}
+	}
+}
+
+func (p *Primary) nextResyncRegion(pe *peer, pm *PeerMeta) (uint64, bool) {
+	n := pm.Dirty.Len()
+	start := pe.cursor
+	for scanned := uint64(0); scanned < n; {
+		r, ok := pm.Dirty.Next(pe.cursor)
+		if !ok {
+			if pe.cursor == 0 {
+				return 0, false
+			}
+			scanned += n - pe.cursor
+			pe.cursor = 0
+			continue
+		}
+		scanned += r - pe.cursor + 1
+		pe.cursor = r + 1
+		if pe.cursor >= n {
+			pe.cursor = 0
+		}
+		lo, hi := p.regionRange(r)
+		probe := &op{lo: lo, hi: hi}
+		busy := p.overlapsActive(probe)
+		for _, q := range p.queue {
+			if q.lo < hi && lo < q.hi {
+				busy = true
+			}
+		}
+		if !busy {
+			return r, true
+		}
+		if pe.cursor == start {
+			break
+		}
+	}
+	return 0, false
+}
+
+// Verify compares region r on the primary and every connected ISR member.
+// With repair, mismatching replicas get the region copied from the primary.
+// The result appears in Ready.Verified with the returned token.
+func (p *Primary) Verify(r uint64, repair bool) uint64 {
+	lo, hi := p.regionRange(r)
+	o := &op{token: p.nextID(), kind: opVerify, region: r, lo: lo, hi: hi, repair: repair}
+	p.ops[o.token] = o
+	if p.fenced != nil || r >= p.meta.Regions() {
+		p.rd.Verified = append(p.rd.Verified, VerifyResult{Token: o.token, Region: r, Err: fmt.Errorf("replication: cannot verify region %d", r)})
+		delete(p.ops, o.token)
+		return o.token
+	}
+	p.enqueue(o)
+	return o.token
+}
+
+func (p *Primary) finishVerify(o *op) {
+	res := VerifyResult{Token: o.token, Region: o.region, Err: o.lerr}
+	mine := o.sums[p.cfg.Self]
+	for _, id := range p.order {
+		if _, asked := o.acked[id]; !asked {
+			if p.peers[id].inISR {
+				res.Skipped = append(res.Skipped, id)
+			}
+			continue
+		}
+		s, ok := o.sums[id]
+		if !ok {
+			res.Skipped = append(res.Skipped, id)
+			continue
+		}
+		if o.lerr == nil && string(s) != string(mine) {
+			res.Mismatch = append(res.Mismatch, id)
+			if o.repair {
+				p.markDirty(id, o.lo, o.hi)
+			}
+		}
+	}
+	p.rd.Verified = append(p.rd.Verified, res)
+}
+
+// Tick advances the logical clock; peers that leave a message unanswered for
+// AckTimeoutTicks are treated as down.
+func (p *Primary) Tick() {
+	p.ticks++
+	if p.cfg.AckTimeoutTicks <= 0 {
+		return
+	}
+	var late []string
+	for _, o := range p.active {
+		if p.ticks-o.tick < p.cfg.AckTimeoutTicks {
+			continue
+		}
+		for id, ok := range o.acked {
+			if !ok && p.peers[id].mode == peerUp && !slices.Contains(late, id) {
+				late = append(late, id)
+			}
+		}
+		// An ISR member that is not even connected holds up every write.
+		for id := range o.need {
+			pe := p.peers[id]
+			if _, sent := o.sent[id]; !sent && pe.inISR && !pe.removing && !slices.Contains(late, id) {
+				late = append(late, id)
+			}
+		}
+	}
+	sort.Strings(late)
+	for _, id := range late {
+		p.PeerDown(id, errors.New("replication: ack timeout"))
+	}
+}
+
+// PeerStatus is a snapshot of one replica as the primary sees it.
+type PeerStatus struct {
+	ID         string
+	Mode       string // down, hello, up
+	InISR      bool
+	Removing   bool
+	Adding     bool
+	DirtyBytes int64
+	// ResyncDone and ResyncTotal count bytes since the current connection
+	// began; the shell derives rate and ETA from them.
+	ResyncDone  int64
+	ResyncTotal int64
+	LastError   string
+}
+
+// Status reports every peer.
+func (p *Primary) Status() []PeerStatus {
+	var out []PeerStatus
+	for _, id := range p.order {
+		pe := p.peers[id]
+		out = append(out, PeerStatus{ID: id, Mode: pe.mode.String(), InISR: pe.inISR, Removing: pe.removing, Adding: pe.adding,
+			DirtyBytes: p.dirtyBytes(id), ResyncDone: pe.done, ResyncTotal: max(pe.total, pe.done), LastError: pe.lastErr})
+	}
+	return out
+}

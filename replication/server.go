@@ -1,0 +1,309 @@
+package replication
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// ErrServerClosed is returned by Serve after Close.
+var ErrServerClosed = errors.New("replication: server closed")
+
+// ServerConfig configures a replica server.
+type ServerConfig struct {
+	// TLS secures every connection; it must request and verify client
+	// certificates (tls.RequireAndVerifyClientCert) in production. It is
+	// required unless Plaintext is set.
+	TLS *tls.Config
+	// Plaintext allows unencrypted connections. It exists only to benchmark
+	// the protocol itself.
+	Plaintext bool
+	Logger    *slog.Logger
+}
+
+// Server serves the replicas of one node to their primaries.
+type Server struct {
+	cfg ServerConfig
+	log *slog.Logger
+
+	mu     sync.Mutex
+	vols   map[string]*replicaVol
+	lns    map[net.Listener]struct{}
+	conns  map[net.Conn]string // conn → volume
+	closed bool
+	wg     sync.WaitGroup
+}
+
+type replicaVol struct {
+	mu    sync.Mutex // serializes Step, Persist and the epoch barrier
+	core  *Replica
+	local *Local
+	io    sync.WaitGroup // replica I/O in flight
+}
+
+// NewServer validates cfg and returns a server with no volumes.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if cfg.TLS == nil && !cfg.Plaintext {
+		return nil, errors.New("replication: ServerConfig.TLS is required (Plaintext only for benchmarks)")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, vols: map[string]*replicaVol{}, lns: map[net.Listener]struct{}{}, conns: map[net.Conn]string{}}, nil
+}
+
+// AddVolume starts serving a local replica. The server owns l afterwards.
+func (s *Server) AddVolume(l *Local) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.vols[l.Meta.Volume]; ok {
+		return fmt.Errorf("replication: volume %s already served", l.Meta.Volume)
+	}
+	s.vols[l.Meta.Volume] = &replicaVol{core: NewReplica(l.Meta), local: l}
+	return nil
+}
+
+// RemoveVolume stops serving a replica (for instance because this node is
+// being promoted), closes its connections, waits for its I/O and returns
+// the Local with its current metadata.
+func (s *Server) RemoveVolume(volume string) (*Local, error) {
+	s.mu.Lock()
+	v, ok := s.vols[volume]
+	delete(s.vols, volume)
+	for c, vol := range s.conns {
+		if vol == volume {
+			c.Close()
+		}
+	}
+	s.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrUnknownVolume, volume)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.io.Wait()
+	v.local.Meta = v.core.Meta()
+	return v.local, nil
+}
+
+// Serve accepts primaries on l until Close. A benchmark or test may pass
+// any listener (e.g. in another network namespace).
+func (s *Server) Serve(l net.Listener) error {
+	if s.cfg.TLS != nil {
+		l = tls.NewListener(l, s.cfg.TLS)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.lns[l] = struct{}{}
+	s.mu.Unlock()
+	var delay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("replication: accept: %w", err)
+		}
+		delay = 0
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			c.Close()
+			return ErrServerClosed
+		}
+		s.conns[c] = ""
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.serveConn(c)
+		}()
+	}
+}
+
+// Close stops listeners and connections and waits for them.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.lns {
+		l.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	vols := s.vols
+	s.vols = map[string]*replicaVol{}
+	s.mu.Unlock()
+	s.wg.Wait()
+	var errs []error
+	for _, v := range vols {
+		v.io.Wait()
+		errs = append(errs, v.local.Store.Close())
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Server) serveConn(c net.Conn) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("replication: connection panic", "remote", c.RemoteAddr().String(), "panic", r)
+		}
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		c.Close()
+	}()
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	br := bufio.NewReaderSize(c, 256<<10)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	hello, err := decodeMessage(br)
+	if err != nil || hello.Type != MsgHello {
+		s.log.Warn("replication: bad hello", "remote", c.RemoteAddr().String(), "err", err)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	s.mu.Lock()
+	v := s.vols[hello.Volume]
+	if v != nil {
+		s.conns[c] = hello.Volume
+	}
+	s.mu.Unlock()
+	out := make(chan Message, 1024)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var wdone sync.WaitGroup
+	wdone.Add(1)
+	go func() {
+		defer wdone.Done()
+		writeLoop(ctx, c, out)
+	}()
+	defer wdone.Wait()
+	defer cancel()
+	send := func(m Message) {
+		select {
+		case out <- m:
+		case <-ctx.Done():
+		}
+	}
+	if v == nil {
+		send(Message{Type: MsgReject, Err: "unknown volume " + hello.Volume})
+		return
+	}
+	log := s.log.With("volume", hello.Volume, "primary", hello.From)
+	m := hello
+	var pending sync.WaitGroup // this connection's I/O, so acks are not sent after return
+	defer pending.Wait()
+	for {
+		v.mu.Lock()
+		v.core.Step(m)
+		rd := v.core.Ready()
+		if rd.Persist != nil {
+			if err := SaveMeta(v.local.MetaPath, rd.Persist); err != nil {
+				v.mu.Unlock()
+				log.Error("replication: persist metadata", "err", err)
+				return
+			}
+		}
+		if rd.Barrier {
+			// A newer epoch: nothing an older primary started may land
+			// after this point.
+			v.io.Wait()
+		}
+		for _, io := range rd.IO {
+			v.io.Add(1)
+			pending.Add(1)
+			go func(m Message) {
+				defer v.io.Done()
+				defer pending.Done()
+				sum, err := applyReplicaIO(v.local.Store, m)
+				if err != nil {
+					log.Error("replication: replica I/O failed", "op", m.Type.String(), "off", m.Off, "err", err)
+				}
+				send(v.core.Done(m, err, sum))
+			}(io.Msg)
+		}
+		v.mu.Unlock()
+		for _, r := range rd.Send {
+			send(r)
+		}
+		m, err = decodeMessage(br)
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				log.Debug("replication: connection ended", "err", err)
+			}
+			return
+		}
+	}
+}
+
+func applyReplicaIO(st *Store, m Message) ([]byte, error) {
+	switch m.Type {
+	case MsgWrite:
+		if m.Off < 0 || m.Off+int64(len(m.Data)) > st.Size() {
+			return nil, fmt.Errorf("replication: write beyond end (%d+%d > %d)", m.Off, len(m.Data), st.Size())
+		}
+		return nil, st.WriteAt(m.Data, m.Off, m.Flags&FlagFUA != 0)
+	case MsgUnmap:
+		if m.Off < 0 || m.Len < 0 || m.Off+m.Len > st.Size() {
+			return nil, fmt.Errorf("replication: unmap beyond end")
+		}
+		return nil, st.Punch(m.Off, m.Len)
+	case MsgFlush:
+		return nil, st.Sync()
+	case MsgResize:
+		return nil, st.Grow(m.Len)
+	case MsgChecksum:
+		if m.Off < 0 || m.Len < 0 || m.Off+m.Len > st.Size() {
+			return nil, fmt.Errorf("replication: checksum beyond end")
+		}
+		return st.Sum(m.Off, m.Len)
+	}
+	return nil, fmt.Errorf("replication: unexpected %s", m.Type)
+}
+
+// writeLoop encodes messages onto c, flushing whenever the queue drains so
+// pipelined messages share syscalls.
+func writeLoop(ctx context.Context, c net.Conn, out <-chan Message) {
+	bw := bufio.NewWriterSize(c, 256<<10)
+	for {
+		var m Message
+		select {
+		case m = <-out:
+		case <-ctx.Done():
+			bw.Flush()
+			return
+		}
+		if err := encodeMessage(bw, &m); err != nil {
+			c.Close()
+			return
+		}
+		if len(out) == 0 {
+			if err := bw.Flush(); err != nil {
+				c.Close()
+				return
+			}
+		}
+	}
+}

@@ -1,0 +1,647 @@
+package replication
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// VolumeConfig configures the primary side of a replicated volume.
+type VolumeConfig struct {
+	// Self is this node's ID; Peers maps every other replica node to its
+	// replica server address.
+	Self  string
+	Peers map[string]string
+	// Local is this node's replica (from OpenLocal); the Volume owns it.
+	Local      *Local
+	Membership Membership
+	// TLS is the client configuration (certificates supplied by the
+	// caller). Required unless Plaintext is set for protocol benchmarks.
+	TLS       *tls.Config
+	Plaintext bool
+	// ResyncRate limits resync and repair traffic in bytes per second;
+	// 0 means unlimited.
+	ResyncRate int64
+	// TickInterval is the logical clock period (default 100ms) and
+	// AckTimeoutTicks how many ticks a replica may leave a message
+	// unanswered before it is dropped from the ISR (default 50, i.e. 5s).
+	TickInterval    time.Duration
+	AckTimeoutTicks int
+	// OnUnhealthy is called when this node's own disk fails: the cluster
+	// should move the volume. It must not block.
+	OnUnhealthy func(error)
+	Logger      *slog.Logger
+	// Dial overrides how peers are reached (tests); default net.Dialer.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
+}
+
+// Volume is the primary of a replicated volume. It implements target/scsi's
+// Backend (ReadAt, WriteAt, Flush, Unmap, Size, Resize) with standard types
+// only. Writes are acknowledged once the local disk and every ISR member
+// have them; reads are served locally.
+type Volume struct {
+	cfg   VolumeConfig
+	log   *slog.Logger
+	store *Store
+	core  *Primary
+	size  atomic.Int64
+
+	events chan func()
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	nextID atomic.Uint64
+	bucket *tokenBucket
+
+	// Loop-owned state.
+	waiters  map[uint64]chan error
+	verifies map[uint64]chan VerifyResult
+	peers    map[string]*peerLink
+	rate     map[string]*rateSample
+
+	closeOnce sync.Once
+}
+
+type peerLink struct {
+	id, addr string
+	mu       sync.Mutex
+	conn     net.Conn
+	out      chan Message
+	kick     chan struct{}
+}
+
+type rateSample struct {
+	at   time.Time
+	done int64
+	rate float64
+}
+
+func randomGen() uint64 {
+	var b [8]byte
+	for {
+		rand.Read(b[:])
+		if g := binary.LittleEndian.Uint64(b[:]); g != 0 {
+			return g
+		}
+	}
+}
+
+// OpenVolume starts serving as primary. The membership must name cfg.Self
+// as primary; its epoch is persisted before any I/O.
+func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
+	if cfg.Local == nil || cfg.Membership == nil {
+		return nil, errors.New("replication: VolumeConfig needs Local and Membership")
+	}
+	if cfg.TLS == nil && !cfg.Plaintext {
+		return nil, errors.New("replication: VolumeConfig.TLS is required (Plaintext only for benchmarks)")
+	}
+	if cfg.TickInterval <= 0 {
+		cfg.TickInterval = 100 * time.Millisecond
+	}
+	if cfg.AckTimeoutTicks <= 0 {
+		cfg.AckTimeoutTicks = 50
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Dial == nil {
+		d := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
+		cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	}
+	vol := cfg.Local.Meta.Volume
+	st, err := cfg.Membership.State(ctx, vol)
+	if err != nil {
+		return nil, fmt.Errorf("replication: membership of %s: %w", vol, err)
+	}
+	var peers []string
+	for id := range cfg.Peers {
+		peers = append(peers, id)
+	}
+	core, err := NewPrimary(PrimaryConfig{Self: cfg.Self, Peers: peers, NewGen: randomGen, AckTimeoutTicks: cfg.AckTimeoutTicks},
+		cfg.Local.Meta.Clone(), st)
+	if err != nil {
+		return nil, err
+	}
+	v := &Volume{
+		cfg: cfg, log: cfg.Logger.With("volume", vol, "node", cfg.Self), store: cfg.Local.Store, core: core,
+		events: make(chan func(), 4096), stop: make(chan struct{}),
+		waiters: map[uint64]chan error{}, verifies: map[uint64]chan VerifyResult{},
+		peers: map[string]*peerLink{}, rate: map[string]*rateSample{},
+	}
+	if cfg.ResyncRate > 0 {
+		v.bucket = newTokenBucket(cfg.ResyncRate)
+	}
+	v.size.Store(core.Meta().Size)
+	// The epoch (and activity-log-derived dirty bits) are durable before
+	// anything is sent.
+	if rd := core.Ready(); rd.Persist != nil {
+		if err := SaveMeta(cfg.Local.MetaPath, rd.Persist); err != nil {
+			return nil, err
+		}
+	}
+	v.wg.Add(1)
+	go func() { defer v.wg.Done(); v.loop() }()
+	for id, addr := range cfg.Peers {
+		pl := &peerLink{id: id, addr: addr, kick: make(chan struct{}, 1)}
+		v.peers[id] = pl
+		v.wg.Add(1)
+		go func() { defer v.wg.Done(); v.connectLoop(pl) }()
+	}
+	return v, nil
+}
+
+func (v *Volume) post(f func()) bool {
+	select {
+	case v.events <- f:
+		return true
+	case <-v.stop:
+		return false
+	}
+}
+
+func (v *Volume) loop() {
+	t := time.NewTicker(v.cfg.TickInterval)
+	defer t.Stop()
+	for {
+		select {
+		case f := <-v.events:
+			f()
+			// Batch whatever else is queued into one Ready, so one
+			// metadata write covers many writes.
+			for i := 0; i < 256; i++ {
+				select {
+				case f := <-v.events:
+					f()
+					continue
+				default:
+				}
+				break
+			}
+		case <-t.C:
+			v.core.Tick()
+		case <-v.stop:
+			for id, ch := range v.waiters {
+				ch <- ErrClosed
+				delete(v.waiters, id)
+			}
+			return
+		}
+		for v.core.HasReady() {
+			v.handle(v.core.Ready())
+		}
+	}
+}
+
+func (v *Volume) handle(rd Ready) {
+	if rd.Persist != nil {
+		if err := SaveMeta(v.cfg.Local.MetaPath, rd.Persist); err != nil {
+			// Without durable metadata nothing else in this Ready may
+			// proceed; the node's disk is failing.
+			v.unhealthy(err)
+			for i := range rd.Acks {
+				if rd.Acks[i].Err == nil {
+					rd.Acks[i].Err = err
+				}
+			}
+			for _, l := range rd.Local {
+				tok := l.Token
+				go v.post(func() { v.core.LocalDone(tok, err, nil) })
+			}
+			rd.Local, rd.Send, rd.Propose = nil, nil, nil
+		}
+	}
+	for _, l := range rd.Local {
+		v.wg.Add(1)
+		go func(l LocalOp) {
+			defer v.wg.Done()
+			data, err := v.doLocal(l)
+			v.post(func() { v.core.LocalDone(l.Token, err, data) })
+		}(l)
+	}
+	for _, s := range rd.Send {
+		v.peers[s.To].send(s.Msg)
+	}
+	for _, id := range rd.Disconnect {
+		v.peers[id].drop()
+	}
+	for _, pr := range rd.Propose {
+		v.wg.Add(1)
+		go func(pr Proposal) {
+			defer v.wg.Done()
+			v.propose(pr)
+		}(pr)
+	}
+	for _, a := range rd.Acks {
+		if ch, ok := v.waiters[a.ID]; ok {
+			ch <- a.Err
+			delete(v.waiters, a.ID)
+		}
+	}
+	for _, r := range rd.Verified {
+		if ch, ok := v.verifies[r.Token]; ok {
+			ch <- r
+			delete(v.verifies, r.Token)
+		}
+	}
+	if rd.Unhealthy != nil {
+		v.unhealthy(rd.Unhealthy)
+	}
+}
+
+func (v *Volume) unhealthy(err error) {
+	v.log.Error("replication: local disk failed; node unhealthy", "err", err)
+	if v.cfg.OnUnhealthy != nil {
+		v.cfg.OnUnhealthy(err)
+	}
+}
+
+func (v *Volume) propose(pr Proposal) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	vol := v.cfg.Local.Meta.Volume
+	var st MembershipState
+	var err error
+	if pr.Kind == ProposeAdd {
+		st, err = v.cfg.Membership.AddToISR(ctx, vol, pr.Epoch, v.cfg.Self, pr.Peer, pr.Proof)
+	} else {
+		st, err = v.cfg.Membership.RemoveFromISR(ctx, vol, pr.Epoch, v.cfg.Self, pr.Peer)
+	}
+	v.log.Info("replication: ISR change", "op", pr.Kind.String(), "peer", pr.Peer, "epoch", pr.Epoch, "isr", st.ISR, "err", err)
+	if err != nil && !errors.Is(err, ErrStaleEpoch) && !errors.Is(err, ErrNotPrimary) {
+		// Transient: the core re-proposes on the result; pace it.
+		select {
+		case <-time.After(time.Second):
+		case <-v.stop:
+			return
+		}
+	}
+	v.post(func() { v.core.MembershipResult(pr, st, err) })
+}
+
+func (v *Volume) doLocal(l LocalOp) ([]byte, error) {
+	switch l.Kind {
+	case LocalWrite:
+		return nil, v.store.WriteAt(l.Data, l.Off, l.FUA)
+	case LocalUnmap:
+		return nil, v.store.Punch(l.Off, l.Len)
+	case LocalFlush:
+		return nil, v.store.Sync()
+	case LocalResize:
+		return nil, v.store.Grow(l.Len)
+	case LocalRead:
+		if v.bucket != nil && !v.bucket.wait(l.Len, v.stop) {
+			return nil, ErrClosed
+		}
+		buf := make([]byte, l.Len)
+		return buf, v.store.ReadAt(buf, l.Off)
+	case LocalSum:
+		if v.bucket != nil && !v.bucket.wait(l.Len, v.stop) {
+			return nil, ErrClosed
+		}
+		return v.store.Sum(l.Off, l.Len)
+	}
+	return nil, fmt.Errorf("replication: unknown local op %d", l.Kind)
+}
+
+func (pl *peerLink) send(m Message) {
+	pl.mu.Lock()
+	out := pl.out
+	pl.mu.Unlock()
+	if out == nil {
+		return // the connection is gone; PeerDown is already on its way
+	}
+	select {
+	case out <- m:
+	default:
+		// The peer cannot keep up with a queue this deep: treat it as
+		// failed rather than stall every other write.
+		pl.drop()
+	}
+}
+
+func (pl *peerLink) drop() {
+	pl.mu.Lock()
+	if pl.conn != nil {
+		pl.conn.Close()
+	}
+	pl.mu.Unlock()
+}
+
+// connectLoop keeps one connection to a replica, reporting each connection
+// and each failure to the state machine, with capped backoff.
+func (v *Volume) connectLoop(pl *peerLink) {
+	backoff := 50 * time.Millisecond
+	for {
+		select {
+		case <-v.stop:
+			return
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		c, err := v.cfg.Dial(ctx, pl.addr)
+		if err == nil && v.cfg.TLS != nil {
+			tc := tls.Client(c, v.cfg.TLS)
+			if err = tc.HandshakeContext(ctx); err != nil {
+				c.Close()
+			}
+			c = tc
+		}
+		cancel()
+		if err != nil {
+			v.post(func() { v.core.PeerDown(pl.id, fmt.Errorf("replication: dial %s: %w", pl.addr, err)) })
+			select {
+			case <-time.After(backoff):
+			case <-v.stop:
+				return
+			}
+			backoff = min(2*backoff, 2*time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		v.runConn(pl, c)
+	}
+}
+
+func (v *Volume) runConn(pl *peerLink, c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	out := make(chan Message, 8192)
+	pl.mu.Lock()
+	pl.conn, pl.out = c, nil
+	pl.mu.Unlock()
+	select {
+	case <-v.stop:
+		c.Close() // Close may have run before conn was recorded
+	default:
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { writeLoop(ctx, c, out); close(done) }()
+	// The connection becomes current inside the loop, so that no message
+	// meant for an older connection is queued on this one before Hello.
+	v.post(func() {
+		pl.mu.Lock()
+		pl.out = out
+		pl.mu.Unlock()
+		v.core.PeerConnected(pl.id)
+	})
+	br := bufio.NewReaderSize(c, 64<<10)
+	var rerr error
+	for {
+		m, err := decodeMessage(br)
+		if err != nil {
+			rerr = err
+			break
+		}
+		if !v.post(func() {
+			pl.mu.Lock()
+			cur := pl.out == out
+			pl.mu.Unlock()
+			if cur {
+				v.core.Step(pl.id, m)
+			}
+		}) {
+			break
+		}
+	}
+	c.Close()
+	cancel()
+	<-done
+	v.post(func() {
+		pl.mu.Lock()
+		if pl.out == out {
+			pl.out = nil
+		}
+		pl.mu.Unlock()
+		v.core.PeerDown(pl.id, fmt.Errorf("replication: connection to %s: %w", pl.id, rerr))
+	})
+	select {
+	case <-time.After(100 * time.Millisecond):
+	case <-v.stop:
+	}
+}
+
+func (v *Volume) do(ctx context.Context, r Request) error {
+	r.ID = v.nextID.Add(1)
+	ch := make(chan error, 1)
+	if !v.post(func() {
+		v.waiters[r.ID] = ch
+		v.core.Propose(r)
+	}) {
+		return ErrClosed
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-v.stop:
+		return ErrClosed
+	case <-ctx.Done():
+		// The request stays in flight and completes on its own; only the
+		// caller stops waiting.
+		return ctx.Err()
+	}
+}
+
+func (v *Volume) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off+n > v.size.Load() {
+		return fmt.Errorf("replication: range %d+%d beyond size %d", off, n, v.size.Load())
+	}
+	return nil
+}
+
+// ReadAt reads from the local replica, which holds every acknowledged write.
+func (v *Volume) ReadAt(_ context.Context, p []byte, off int64) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	return v.store.ReadAt(p, off)
+}
+
+// WriteAt replicates p to every ISR member; with fua it returns once all of
+// them made it durable.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	// The caller may reuse p once we return, but a resyncing replica may
+	// still be sent it after that.
+	data := append([]byte(nil), p...)
+	return v.do(ctx, Request{Kind: ReqWrite, Off: off, Data: data, FUA: fua})
+}
+
+// Flush makes every completed write durable on every ISR member.
+func (v *Volume) Flush(ctx context.Context) error { return v.do(ctx, Request{Kind: ReqFlush}) }
+
+// Unmap deallocates the range on every ISR member.
+func (v *Volume) Unmap(ctx context.Context, off, length int64) error {
+	if err := v.checkRange(off, length); err != nil {
+		return err
+	}
+	return v.do(ctx, Request{Kind: ReqUnmap, Off: off, Len: length})
+}
+
+// Size is the capacity in bytes.
+func (v *Volume) Size() int64 { return v.size.Load() }
+
+// Resize grows the volume online on every replica. Shrinking is refused.
+func (v *Volume) Resize(ctx context.Context, size int64) error {
+	if size < v.size.Load() {
+		return fmt.Errorf("replication: refusing to shrink from %d to %d", v.size.Load(), size)
+	}
+	if size == v.size.Load() {
+		return nil
+	}
+	if err := v.do(ctx, Request{Kind: ReqResize, Len: size}); err != nil {
+		return err
+	}
+	v.size.Store(size)
+	return nil
+}
+
+// ReplicaStatus is what the console and metrics show for one replica.
+type ReplicaStatus struct {
+	PeerStatus
+	// RateBytes is the recent resync rate; ETA is zero when unknown.
+	RateBytes float64
+	ETA       time.Duration
+}
+
+// Status reports every replica, with resync progress, rate and ETA.
+func (v *Volume) Status(ctx context.Context) ([]ReplicaStatus, error) {
+	ch := make(chan []ReplicaStatus, 1)
+	if !v.post(func() {
+		now := time.Now()
+		var out []ReplicaStatus
+		for _, ps := range v.core.Status() {
+			rs := ReplicaStatus{PeerStatus: ps}
+			s := v.rate[ps.ID]
+			if s == nil || ps.ResyncDone < s.done {
+				s = &rateSample{at: now, done: ps.ResyncDone}
+				v.rate[ps.ID] = s
+			} else if dt := now.Sub(s.at).Seconds(); dt >= 0.5 {
+				s.rate = float64(ps.ResyncDone-s.done) / dt
+				s.at, s.done = now, ps.ResyncDone
+			}
+			rs.RateBytes = s.rate
+			if s.rate > 0 && ps.DirtyBytes > 0 {
+				rs.ETA = time.Duration(float64(ps.DirtyBytes) / s.rate * float64(time.Second))
+			}
+			out = append(out, rs)
+		}
+		ch <- out
+	}) {
+		return nil, ErrClosed
+	}
+	select {
+	case s := <-ch:
+		return s, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// VerifyReport is the outcome of an online verify.
+type VerifyReport struct {
+	Regions  uint64
+	Mismatch map[uint64][]string // region → replicas that differ
+	Skipped  map[uint64][]string // region → ISR replicas not compared
+}
+
+// Verify compares every region on the primary and the connected ISR members
+// with SHA-256 while the volume serves I/O (each region is ordered against
+// writes to it). With repair, differing regions are copied from the primary.
+func (v *Volume) Verify(ctx context.Context, repair bool) (VerifyReport, error) {
+	rep := VerifyReport{Mismatch: map[uint64][]string{}, Skipped: map[uint64][]string{}}
+	n := regionCount(v.size.Load(), v.cfg.Local.Meta.RegionSize)
+	const window = 4
+	results := make(chan VerifyResult, window)
+	inflight := 0
+	next := uint64(0)
+	for next < n || inflight > 0 {
+		for next < n && inflight < window {
+			r := next
+			next++
+			inflight++
+			if !v.post(func() {
+				tok := v.core.Verify(r, repair)
+				v.verifies[tok] = results
+			}) {
+				return rep, ErrClosed
+			}
+		}
+		select {
+		case res := <-results:
+			inflight--
+			rep.Regions++
+			if res.Err != nil {
+				return rep, res.Err
+			}
+			if len(res.Mismatch) > 0 {
+				rep.Mismatch[res.Region] = res.Mismatch
+			}
+			if len(res.Skipped) > 0 {
+				rep.Skipped[res.Region] = res.Skipped
+			}
+		case <-ctx.Done():
+			return rep, ctx.Err()
+		}
+	}
+	return rep, nil
+}
+
+// Close stops the volume: pending requests fail with ErrClosed.
+func (v *Volume) Close() error {
+	v.closeOnce.Do(func() {
+		close(v.stop)
+		for _, pl := range v.peers {
+			pl.drop()
+		}
+	})
+	v.wg.Wait()
+	return v.store.Close()
+}
+
+type tokenBucket struct {
+	mu     sync.Mutex
+	rate   float64
+	tokens float64
+	last   time.Time
+}
+
+func newTokenBucket(rate int64) *tokenBucket {
+	return &tokenBucket{rate: float64(rate), last: time.Now()}
+}
+
+// wait blocks until n bytes may be spent (a debt model: large chunks are
+// allowed through and paid back), or stop closes.
+func (b *tokenBucket) wait(n int64, stop <-chan struct{}) bool {
+	b.mu.Lock()
+	now := time.Now()
+	// Bursts are capped at 100ms worth so the limit holds over short spans.
+	b.tokens = min(b.tokens+now.Sub(b.last).Seconds()*b.rate, b.rate/10)
+	b.last = now
+	b.tokens -= float64(n)
+	var d time.Duration
+	if b.tokens < 0 {
+		d = time.Duration(-b.tokens / b.rate * float64(time.Second))
+	}
+	b.mu.Unlock()
+	if d == 0 {
+		return true
+	}
+	select {
+	case <-time.After(d):
+		return true
+	case <-stop:
+		return false
+	}
+}
