@@ -95,23 +95,23 @@ type op struct {
 // performs no I/O: every event method records outputs that Ready returns.
 // It is not safe for concurrent use; the shell serializes calls.
 type Primary struct {
-	cfg      PrimaryConfig
-	meta     *Meta
-	isr      map[string]bool // committed ISR members other than Self
-	peers    map[string]*peer
-	order    []string
-	ops      map[uint64]*op // by token
-	bySeq    map[uint64]*op
-	queue    []*op // not yet issued (range conflict)
-	active   []*op // issued, not released
-	alRefs   map[uint64]int
-	next     uint64 // token and sequence counter
-	ticks    int
-	fenced   error
-	diskErr  error
-	rd       Ready
-	persist  bool // meta changed and must be durable before this Ready
-	lazy     int  // cleared dirty bits not yet persisted
+	cfg     PrimaryConfig
+	meta    *Meta
+	isr     map[string]bool // committed ISR members other than Self
+	peers   map[string]*peer
+	order   []string
+	ops     map[uint64]*op // by token
+	bySeq   map[uint64]*op
+	queue   []*op // not yet issued (range conflict)
+	active  []*op // issued, not released
+	alRefs  map[uint64]int
+	next    uint64 // token and sequence counter
+	ticks   int
+	fenced  error
+	diskErr error
+	rd      Ready
+	persist bool // meta changed and must be durable before this Ready
+	lazy    int  // cleared dirty bits not yet persisted
 }
 
 // NewPrimary builds the state machine from this node's metadata and the
