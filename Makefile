@@ -23,9 +23,10 @@ check:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-# Unit and integration tests, with the race detector.
-unit:
-	$(GO) test -race -count=1 -timeout 20m ./...
+# Unit and integration tests, with the race detector. HASAN_FENCE_PEERS makes
+# the fencing tests fail (not skip) when ipmi_sim or snmpd cannot start.
+unit: deps
+	HASAN_FENCE_PEERS=1 $(GO) test -race -count=1 -timeout 20m ./...
 
 # Every fuzz target for a short time; the seed corpora live in testdata/fuzz.
 fuzz:
@@ -44,6 +45,7 @@ test: deps check unit fuzz conformance test-vm
 
 bench: deps
 	$(GO) run ./bench
+	HASAN_FENCE_BENCH=1 $(GO) test -count=1 -run TestBenchFencePeers -v ./fencing/
 
 clean:
 	rm -rf bin

@@ -24,6 +24,9 @@ done
 [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || missing+=(qemu-block-extra)
 [ -e /bin/busybox ] || [ -e /usr/bin/busybox ] || missing+=(busybox-static)
 
+# The fencing tests' real peers (ipmi_sim, snmpd, fence-agents).
+"$(dirname "$0")/../fencing/testdata/deps.sh"
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
