@@ -49,7 +49,7 @@ func main() {
 	flag.StringVar(&peers, "peers", "hasan,tgt,gotgt", "peers in run order; a name may repeat (tgt,tgt) to measure the harness's own noise")
 	flag.StringVar(&c.baseline, "baseline", "tgt", "peer the others are divided by")
 	flag.IntVar(&c.repeats, "repeats", 3, "measured runs per workload and peer (gotgt: 1, it stalls)")
-	flag.DurationVar(&c.duration, "duration", 12*time.Second, "length of each run; at least 10s so runs cross the clients' NOP-Out intervals")
+	flag.DurationVar(&c.duration, "duration", 10*time.Second, "length of each run; at least 10s so runs cross the clients' NOP-Out intervals")
 	sizeMiB := flag.Int64("size-mib", 1024, "LUN size in MiB")
 	flag.StringVar(&c.dir, "dir", "", "directory for backing files (default /dev/shm, else the temp dir)")
 	flag.StringVar(&c.out, "out", "bench/out", "directory for results.json, results.csv and daemon logs")
@@ -223,6 +223,11 @@ func runWorkload(ctx context.Context, log *slog.Logger, c config, w workload, pe
 	if w.Tool == "qemu-img" {
 		// Calibrate the request count per peer with a short unrecorded run.
 		for _, p := range peers {
+			if p.once {
+				// Not worth 15 s of a stalled calibration: guess.
+				p.rate[w.Name] = float64(w.guessIOPS)
+				continue
+			}
 			n := max(w.guessIOPS*3, 1000)
 			r := runQemu(ctx, p.target, w, n, 15*time.Second)
 			switch r.Status {
@@ -265,15 +270,24 @@ func runWorkload(ctx context.Context, log *slog.Logger, c config, w workload, pe
 			case "iscsi-perf":
 				r = runPerf(ctx, p.target, w, p.lbs, c.duration, perfDeadline)
 			case "qemu-img":
-				// Aim 20% past the duration so a slightly faster run still lasts it.
-				count := int(p.rate[w.Name] * c.duration.Seconds() * 1.2)
-				r = runQemu(ctx, p.target, w, max(count, 1000), qemuDeadline)
-				if r.Status == "ok" {
-					p.rate[w.Name] = r.IOPS
-					if r.Seconds < 10 {
-						r.Status = "short"
-						r.Detail = fmt.Sprintf("ran %.1fs, under 10s", r.Seconds)
+				// Aim 40% past the duration: the calibration run is short and
+				// often faster than a sustained one, and a run must not end
+				// under the duration.
+				// A run that ends early (the calibration guessed low) is run
+				// once more with the rate it just measured.
+				for attempt := 0; attempt < 2; attempt++ {
+					count := int(p.rate[w.Name] * c.duration.Seconds() * 1.4)
+					r = runQemu(ctx, p.target, w, max(count, 1000), qemuDeadline)
+					if r.Status != "ok" {
+						break
 					}
+					p.rate[w.Name] = r.IOPS
+					if r.Seconds >= c.duration.Seconds() {
+						break
+					}
+					r.Status = "short"
+					r.Detail = fmt.Sprintf("ran %.1fs, under %s", r.Seconds, c.duration)
+					log.Info("run too short, repeating it", "workload", w.Name, "peer", p.label, "secs", r.Seconds)
 				}
 			}
 			log.Info("run", "workload", w.Name, "peer", p.label, "repeat", rep+1, "status", r.Status,

@@ -28,6 +28,8 @@ type record struct {
 	Seconds   float64 `json:"seconds"`
 	Requests  int     `json:"requests,omitempty"`
 	Detail    string  `json:"detail,omitempty"`
+	// PartialIOPS: see result.PartialIOPS.
+	PartialIOPS float64 `json:"partial_iops,omitempty"`
 }
 
 type recorder struct {
@@ -44,7 +46,7 @@ func (r *recorder) add(w workload, p *peerRun, rep int, res result) {
 	r.records = append(r.records, record{
 		Workload: w.Name, Tool: w.Tool, BlockSize: w.BlockSize, Peer: p.label, Repeat: rep + 1,
 		Status: res.Status, IOPS: res.IOPS, MiBps: res.MiBps(w.BlockSize), Seconds: res.Seconds,
-		Requests: res.Requests, Detail: res.Detail,
+		Requests: res.Requests, Detail: res.Detail, PartialIOPS: res.PartialIOPS,
 	})
 }
 
@@ -130,17 +132,18 @@ func (r *recorder) print(w io.Writer, peers []*peerRun) {
 		fmt.Fprintf(tw, "peer\tmedian IOPS\tmedian MiB/s\truns ok\tIOPS per run\tvs %s: min\tmedian\t\n", r.cfg.baseline)
 		for _, p := range peers {
 			mine := r.of(wl.Name, p.label)
-			var iops, perRun []string
+			var perRun []string
 			var rates []float64
 			for _, x := range mine {
 				if usable(x) {
 					rates = append(rates, x.IOPS)
 					perRun = append(perRun, strconv.FormatFloat(x.IOPS, 'f', 0, 64))
+				} else if x.PartialIOPS > 0 {
+					perRun = append(perRun, fmt.Sprintf("%s(%.0f before)", x.Status, x.PartialIOPS))
 				} else {
 					perRun = append(perRun, x.Status)
 				}
 			}
-			iops = perRun
 			med := median(rates)
 			medCol, mibCol := "-", "-"
 			if len(rates) > 0 {
@@ -154,11 +157,13 @@ func (r *recorder) print(w io.Writer, peers []*peerRun) {
 					medR = fmt.Sprintf("%.2f", median(ratios))
 				}
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t\n", p.label, medCol, mibCol, len(rates), len(mine), strings.Join(iops, " "), minR, medR)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\t\n", p.label, medCol, mibCol, len(rates), len(mine), strings.Join(perRun, " "), minR, medR)
 		}
 		tw.Flush()
 	}
-	fmt.Fprintf(w, "\nwall time %s; raw runs in results.json and results.csv\n", r.wall.Round(time.Second))
+	fmt.Fprintln(w, "\nruns ok counts finished runs; \"stalled\" means no result before the deadline (gotgt: the peer's")
+	fmt.Fprintln(w, "known ExpCmdSN stall), with the client's last progress average in brackets when it printed one.")
+	fmt.Fprintf(w, "wall time %s; raw runs in results.json and results.csv\n", r.wall.Round(time.Second))
 }
 
 func (r *recorder) of(workload, peer string) []record {

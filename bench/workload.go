@@ -45,6 +45,9 @@ type result struct {
 	// minimum duration) or "error".
 	Status string
 	Detail string
+	// PartialIOPS is the last progress average a stalled iscsi-perf printed
+	// before it stopped moving: how fast the peer was until it stalled.
+	PartialIOPS float64
 }
 
 func (r result) MiBps(bs int) float64 { return r.IOPS * float64(bs) / (1 << 20) }
@@ -76,6 +79,7 @@ func runPerf(ctx context.Context, t *peer.Target, w workload, lbs int, d, deadli
 		r := result{Status: "stalled", Seconds: elapsed.Seconds(), Detail: fmt.Sprintf("no result within %s", deadline)}
 		if len(all) > 0 {
 			r.Detail += "; last progress average " + all[len(all)-1][1] + " IOPS"
+			r.PartialIOPS, _ = strconv.ParseFloat(all[len(all)-1][1], 64)
 		}
 		return r
 	}

@@ -160,6 +160,15 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 		}
 	}()
 	r.Desc += fmt.Sprintf("; MultipathIO via %d portal(s)", len(tg.Portals))
+	if spec.chap != nil {
+		// The suite passing proves the right secret works; only this proves
+		// CHAP is enforced at all.
+		if err := checkCHAPEnforced(ctx, tg); err != nil {
+			r.Err = err
+			return r
+		}
+		r.Desc += "; logins without CHAP or with a wrong secret refused"
+	}
 
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -191,6 +200,22 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 	}
 	r.Err = errors.Join(errs...)
 	return r
+}
+
+// checkCHAPEnforced logs in without credentials and with a wrong secret;
+// both must fail.
+func checkCHAPEnforced(ctx context.Context, tg *peer.Target) error {
+	for _, c := range []*peer.CHAP{nil, {User: tg.CHAP.User, Secret: tg.CHAP.Secret + "-wrong"}} {
+		probe := *tg
+		probe.CHAP = c
+		cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		out, err := exec.CommandContext(cctx, "iscsi-inq", probe.URL(0)).CombinedOutput()
+		cancel()
+		if err == nil {
+			return fmt.Errorf("CHAP not enforced: iscsi-inq %s logged in: %s", probe.URL(0), out)
+		}
+	}
+	return nil
 }
 
 func selectRuns(list string) ([]runSpec, error) {

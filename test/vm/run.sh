@@ -22,6 +22,10 @@ chap_user=vmtest
 chap_secret=$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-16)
 chap_wrong=${chap_secret%?}X
 [[ $chap_wrong != "$chap_secret" ]] || chap_wrong=${chap_secret%?}Y
+mutual_user=vmtarget
+mutual_secret=$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-16)
+mutual_wrong=${mutual_secret%?}X
+[[ $mutual_wrong != "$mutual_secret" ]] || mutual_wrong=${mutual_secret%?}Y
 lun_bytes=$((1024 * 1024 * 1024))
 data_mib=32
 
@@ -44,6 +48,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v ss >/dev/null || need+=(iproute2)
+command -v debugfs >/dev/null || need+=(e2fsprogs)
 [[ $target != tgt ]] || command -v tgtd >/dev/null || need+=(tgt)
 if ((${#need[@]})); then
   say "installing ${need[*]}"
@@ -68,7 +73,7 @@ cleanup() {
   if [[ $ok == 1 && -z ${HASAN_VM_KEEP:-} ]]; then
     rm -rf "$work"
   else
-    rm -f "$work/lun0.img" "$work/initrd"
+    rm -f "$work/initrd"
     say "logs kept in $work"
   fi
 }
@@ -104,12 +109,13 @@ wait_listen() { # port pid
 }
 
 start_hasan() {
+  command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
   say "building ./cmd/hasan"
   (cd "$repo" && go build -o "$work/hasan" ./cmd/hasan)
   "$work/hasan" target run \
     --listen "127.0.0.1:$port1" --listen "127.0.0.1:$port2" \
     --iqn "$iqn" --lun "0=$work/lun0.img,size=1G" \
-    --chap "$chap_user:$chap_secret" --allow "$initiator" \
+    --chap "$chap_user:$chap_secret" --mutual-chap "$mutual_user:$mutual_secret" --allow "$initiator" \
     >"$work/target.log" 2>&1 &
   pids+=($!)
   target_pid=$!
@@ -135,6 +141,8 @@ start_tgt() {
   tgtadm --op bind --mode target --tid 1 -I ALL
   tgtadm --op new --mode account --user "$chap_user" --password "$chap_secret"
   tgtadm --op bind --mode account --tid 1 --user "$chap_user"
+  tgtadm --op new --mode account --user "$mutual_user" --password "$mutual_secret"
+  tgtadm --op bind --mode account --tid 1 --user "$mutual_user" --outgoing
   unset -f tgtadm
   stop_target="stop_tgt $cport $target_pid"
 }
@@ -174,6 +182,9 @@ OTHER_INITIATOR='$other_initiator'
 CHAP_USER='$chap_user'
 CHAP_SECRET='$chap_secret'
 CHAP_WRONG='$chap_wrong'
+MUTUAL_USER='$mutual_user'
+MUTUAL_SECRET='$mutual_secret'
+MUTUAL_WRONG='$mutual_wrong'
 PORTAL1='10.0.2.100:3260'
 PORTAL2='10.0.2.101:3260'
 GUEST_ADDR='10.0.2.15/24'
@@ -188,6 +199,17 @@ cat "$guest/initrd.cpio.gz" "$work/run.cpio.gz" >"$work/initrd"
 # --- guest run ----------------------------------------------------------------------
 # User networking with restrict=on: the guest reaches nothing but the two forwarded
 # portals, each piped by socat (one per connection) to the target on loopback.
+# cut_portal N: the guest asks (B.path_cut) for its connection to portal N to be cut.
+# libslirp double-forks the guestfwd commands, so their socat processes are children of
+# init; ours are the ones logging to this run's socat-PORT.log.
+cut_portal() {
+  local port=$port1 pid
+  [[ $1 == 2 ]] && port=$port2
+  for pid in $(ps -eo pid=,args= | awk -v lf="$work/socat-$port.log" '$2 == "socat" && $3 == "-lf" && $4 == lf { print $1 }'); do
+    kill "$pid" 2>/dev/null && echo "  (host: killed forwarder $pid of portal $1, 127.0.0.1:$port)"
+  done
+  return 0
+}
 fwd() { echo "guestfwd=tcp:$1-cmd:socat -lf $work/socat-$2.log - TCP:127.0.0.1:$2"; }
 : >"$work/results.log"
 : >"$work/console.log"
@@ -204,33 +226,63 @@ timeout --kill-after=10 "$vm_timeout" qemu-system-x86_64 \
 qemu_pid=$!
 pids+=($qemu_pid)
 tail -n +1 -F --pid="$qemu_pid" "$work/results.log" 2>/dev/null | while read -r line; do
+  line=${line%$'\r'}
   up=$(awk -v a="$t_boot" -v b="$(date +%s.%N)" 'BEGIN { printf "%6.1f", b - a }')
-  [[ $line == RUN* ]] || echo "  [$up s] $line"
-done
+  echo "$up $line" >>"$work/timeline.txt"
+  [[ $line != "HOST cut "* ]] || cut_portal "${line#HOST cut }"
+  [[ $line == RUN* || $line == SUM* ]] || echo "  [$up s] $line"
+done || true
 qemu_rc=0
 wait "$qemu_pid" || qemu_rc=$?
+# The serial line adds \r to every line.
+tr -d '\r' <"$work/results.log" >"$work/results.txt"
 
 # --- verdict ------------------------------------------------------------------------
-required=(setup discovery A.login_wrong_chap A.login_no_auth A.acl_other_initiator A.login_chap
+required=(setup discovery discovery_chap A.login_wrong_chap A.login_no_auth A.acl_other_initiator
+  A.mutual_chap A.mutual_chap_wrong_target_secret A.login_chap
   A.mkfs_write A.logout A.relogin A.verify A.logout_again
-  B.multipathd B.login_portal1 B.login_portal2 B.same_wwid B.one_map B.io B.path_loss B.teardown)
+  B.multipathd B.login_portal1 B.login_portal2 B.same_wwid B.one_map B.io B.path_cut B.path_loss B.teardown)
 fails=0
 for s in "${required[@]}"; do
   [[ $s == A.acl_other_initiator && $acl_check == 0 ]] && continue
-  if ! grep -q "^PASS $s " "$work/results.log"; then
-    grep -q "^FAIL $s " "$work/results.log" || say "FAIL $s: never reported"
+  if ! grep -q "^PASS $s " "$work/results.txt"; then
+    grep -q "^FAIL $s " "$work/results.txt" || say "FAIL $s: never reported"
     fails=$((fails + 1))
   fi
 done
-grep -q '^DONE' "$work/results.log" || { say "FAIL guest did not finish (qemu exit $qemu_rc)"; fails=$((fails + 1)); }
+if ! grep -q '^DONE' "$work/results.txt"; then
+  why="qemu exit $qemu_rc"
+  ((qemu_rc != 124)) || why="killed after ${vm_timeout} s"
+  say "FAIL guest did not finish ($why); last step started: $(grep '^RUN ' "$work/results.txt" | tail -n 1 | cut -d' ' -f2)"
+  fails=$((fails + 1))
+fi
 if ! kill -0 "$target_pid" 2>/dev/null; then
   say "FAIL target process exited during the test"
   fails=$((fails + 1))
 fi
 
-bootdisk=$(awk '$1 == "TIME" && $2 == "disk_present" { print $3 }' "$work/results.log")
-userspace=$(awk '$1 == "TIME" && $2 == "userspace" { print $3 }' "$work/results.log")
-say "timings: kernel->userspace ${userspace:-?} s, kernel->iSCSI disk present ${bootdisk:-?} s (guest clock);" \
+# The guest's files must be in the LUN's backing file, read here without the target.
+nsums=0
+while read -r _ sum name; do
+  nsums=$((nsums + 1))
+  got=$(debugfs -R "cat /$name" "$work/lun0.img" 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [[ $got != "$sum" ]]; then
+    say "FAIL host.backing_file: /$name in lun0.img has sha256 $got, the guest wrote $sum"
+    fails=$((fails + 1))
+  fi
+done < <(grep '^SUM ' "$work/results.txt")
+if ((nsums == 0)); then
+  say "FAIL host.backing_file: the guest reported no checksums"
+  fails=$((fails + 1))
+else
+  say "backing file: $nsums file(s) checked against the guest's sha256"
+fi
+
+bootdisk=$(awk '$1 == "TIME" && $2 == "disk_present" { print $3 }' "$work/results.txt")
+userspace=$(awk '$1 == "TIME" && $2 == "userspace" { print $3 }' "$work/results.txt")
+hostdisk=$(awk '$2 == "TIME" && $3 == "disk_present" { print $1 }' "$work/timeline.txt" 2>/dev/null)
+say "timings: kernel->userspace ${userspace:-?} s, kernel->iSCSI disk present ${bootdisk:-?} s (guest clock)," \
+  "qemu start->disk present ${hostdisk:-?} s;" \
   "guest run $(awk -v a="$t_boot" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s, total $(elapsed) s"
 if ((fails)); then
   say "---- guest console (tail) ----"
@@ -241,4 +293,6 @@ if ((fails)); then
   exit 1
 fi
 ok=1
-say "PASS: all ${#required[@]} steps passed against TARGET=$target"
+npass=$(grep -c '^PASS ' "$work/results.txt")
+nskip=$(grep -c '^SKIP ' "$work/results.txt" || true)
+say "PASS: $npass steps passed ($nskip skipped) + backing-file check, against TARGET=$target"

@@ -171,7 +171,27 @@ discover() {
 	echo "found $IQN ($(grep -c . <<<"$out") record(s))"
 }
 
+discover_chap() {
+	# The same discovery with CHAP credentials configured: the target may run CHAP or
+	# settle on None (discovery CHAP is not required), but it must answer.
+	local p=$PORTAL1 out
+	iscsiadm -m discoverydb -t sendtargets -p "$p" -o new >/dev/null || return 1
+	for kv in "authmethod CHAP" "username $CHAP_USER" "password $CHAP_SECRET"; do
+		set -- $kv
+		iscsiadm -m discoverydb -t sendtargets -p "$p" -o update -n "discovery.sendtargets.auth.$1" -v "$2" || return 1
+	done
+	out=$(iscsiadm -m discoverydb -t sendtargets -p "$p" --discover -o nonpersistent) || { echo "$out"; return 1; }
+	echo "$out"
+	iscsiadm -m discoverydb -t sendtargets -p "$p" -o delete
+	grep -q " $IQN\$" <<<"$out" || { echo "SendTargets with CHAP did not return $IQN"; return 1; }
+	echo "found $IQN with discovery CHAP credentials set"
+}
+
 expect_login_refused() { # portal method user secret what
+	# open-iscsi answers a CHAP challenge whenever a username is set, whatever
+	# authmethod says: start from a fresh record so "no authentication" is real.
+	node "$1" -o delete >/dev/null 2>&1
+	iscsiadm -m node -o new -T "$IQN" -p "$1" >/dev/null || return 1
 	set_auth "$1" "$2" "$3" "$4" || return 1
 	if node "$1" --login; then
 		echo "login with $5 succeeded; it must be refused"
@@ -183,6 +203,28 @@ expect_login_refused() { # portal method user secret what
 		return 1
 	fi
 	echo "login with $5 refused"
+}
+
+mutual_chap() { # portal expected-target-secret want(ok|refused)
+	set_auth "$1" CHAP "$CHAP_USER" "$CHAP_SECRET" || return 1
+	node "$1" -o update -n node.session.auth.username_in -v "$MUTUAL_USER" || return 1
+	node "$1" -o update -n node.session.auth.password_in -v "$2" || return 1
+	local got=refused
+	if node "$1" --login; then
+		got=ok
+		# Let the disk's scan finish, so the logout does not race the partition reads.
+		wait_disk "$1"
+		udevadm settle --timeout=10
+		node "$1" --logout
+	fi
+	# Back to one-way CHAP for the steps that follow.
+	node "$1" -o delete
+	set_auth "$1" CHAP "$CHAP_USER" "$CHAP_SECRET" || return 1
+	if [ "$got" != "$3" ]; then
+		echo "mutual CHAP login was $got, want $3"
+		return 1
+	fi
+	echo "mutual CHAP login $got as expected"
 }
 
 acl_refused() {
@@ -331,6 +373,52 @@ multipath_io() {
 	echo "16 MiB written and verified through $m; writes on both paths ($disk1 +$w1, $disk2 +$w2)"
 }
 
+active_paths() { multipath -ll "$wwid" 2>/dev/null | grep -cE '[0-9]+:[0-9]+:[0-9]+:[0-9]+ sd[a-z]+ .*active ready running'; }
+conn_errors() { dmesg | grep -c 'detected conn error'; }
+
+path_cut() {
+	# The host kills the forwarder of portal 1's connection while a write runs: the
+	# initiator must reconnect (same ISID/TSIH, so the target sees a reinstatement),
+	# no I/O may fail, and both paths must come back.
+	local m=/dev/mapper/$wwid errs t0 i rc
+	mount "$m" /mnt || return 1
+	errs=$(conn_errors)
+	dd if=/dev/urandom of=/mnt/cut bs=1M count=24 oflag=direct status=none &
+	local dd_pid=$!
+	sleep 0.5
+	t0=$(now)
+	report "HOST cut 1"
+	for i in $(seq 100); do
+		[ "$(conn_errors)" -gt "$errs" ] && break
+		sleep 0.1
+	done
+	if [ "$(conn_errors)" -le "$errs" ]; then
+		wait $dd_pid
+		umount /mnt
+		echo "the initiator saw no connection error after the host cut portal 1"
+		return 1
+	fi
+	echo "connection error seen $(since "$t0") s after the cut request"
+	wait $dd_pid
+	rc=$?
+	[ $rc -eq 0 ] || { umount /mnt; echo "write during the cut failed (dd exit $rc)"; dmesg | tail -n 20; return 1; }
+	echo "write during the cut finished $(since "$t0") s after the cut request"
+	(cd /mnt && sha256sum cut) >/tmp/cutsum
+	umount /mnt || return 1
+	echo 3 >/proc/sys/vm/drop_caches
+	mount "$m" /mnt || return 1
+	(cd /mnt && sha256sum -c --quiet /tmp/cutsum) || { umount /mnt; echo "data written across the cut differs"; return 1; }
+	umount /mnt || return 1
+	for i in $(seq 150); do
+		[ "$(active_paths)" = 2 ] && break
+		sleep 0.2
+	done
+	dmesg | grep -E 'connection|session' | tail -n 6
+	multipath -ll "$wwid"
+	[ "$(active_paths)" = 2 ] || { echo "both paths are not active again 30 s after the cut"; return 1; }
+	echo "portal 1 cut under a 24 MiB write: no I/O error, data verified, 2 paths active again $(since "$t0") s after the cut"
+}
+
 path_loss() {
 	# Log out of the first portal while the map is in use; reads must carry on over the other.
 	local m=/dev/mapper/$wwid
@@ -339,6 +427,9 @@ path_loss() {
 	echo 3 >/proc/sys/vm/drop_caches
 	(cd /mnt && sha256sum -c --quiet /tmp/mpsum) || { umount /mnt; return 1; }
 	dd if=/dev/urandom of=/mnt/after bs=1M count=4 oflag=direct status=none || { umount /mnt; return 1; }
+	(cd /mnt && sha256sum f* odd mp cut after 2>/dev/null) | while read -r sum name; do
+		report "SUM $sum $name"
+	done
 	umount /mnt || return 1
 	multipath -ll "$wwid"
 	echo "I/O continued on $disk2 after logging out of $PORTAL1"
@@ -360,6 +451,7 @@ teardown() {
 report "TIME userspace $(now)"
 step setup setup || finish
 step discovery discover || finish
+step discovery_chap discover_chap
 
 A_OK=0
 step A.login_wrong_chap expect_login_refused "$PORTAL1" CHAP "$CHAP_USER" "$CHAP_WRONG" "a wrong CHAP secret"
@@ -369,6 +461,8 @@ if [ "$ACL_CHECK" = 1 ]; then
 else
 	skip A.acl_other_initiator "$ACL_SKIP_WHY"
 fi
+step A.mutual_chap mutual_chap "$PORTAL1" "$MUTUAL_SECRET" ok
+step A.mutual_chap_wrong_target_secret mutual_chap "$PORTAL1" "$MUTUAL_WRONG" refused
 set_auth "$PORTAL1" CHAP "$CHAP_USER" "$CHAP_SECRET" >/dev/null
 if step A.login_chap login "$PORTAL1"; then
 	report "TIME disk_present $(now)"
@@ -388,7 +482,7 @@ if step B.multipathd multipath_setup &&
 	step B.login_portal2 login "$PORTAL2" && disk2=$disk &&
 	step B.same_wwid same_wwid &&
 	step B.one_map one_map; then
-	step B.io multipath_io && step B.path_loss path_loss
+	step B.io multipath_io && step B.path_cut path_cut && step B.path_loss path_loss
 	step B.teardown teardown
 fi
 finish
