@@ -39,7 +39,7 @@ conformance: deps
 # The real Linux initiator (open-iscsi) in a QEMU guest: CHAP + mkfs + verify,
 # then two portals folded by dm-multipath.
 test-vm: deps
-	HASAN_VM=1 $(GO) test -count=1 -v -timeout 20m ./test/vm/
+	test/vm/run.sh
 
 test: deps check unit fuzz conformance test-vm
 

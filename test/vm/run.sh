@@ -49,6 +49,7 @@ command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v ss >/dev/null || need+=(iproute2)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
+command -v ps >/dev/null || need+=(procps)
 [[ $target != tgt ]] || command -v tgtd >/dev/null || need+=(tgt)
 if ((${#need[@]})); then
   say "installing ${need[*]}"
@@ -67,8 +68,25 @@ cleanup() {
   for pid in "${pids[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
+  local i alive
+  for i in $(seq 50); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
   for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      say "pid $pid did not stop on SIGTERM in 5 s; killing it"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
     wait "$pid" 2>/dev/null || true
+  done
+  # QEMU's forwarders outlive it only while their target connection lingers.
+  for pid in $(ps -eo pid=,args= | awk -v w="$work/socat-" '$2 == "socat" && $3 == "-lf" && index($4, w) == 1 { print $1 }'); do
+    kill "$pid" 2>/dev/null || true
   done
   if [[ $ok == 1 && -z ${HASAN_VM_KEEP:-} ]]; then
     rm -rf "$work"
@@ -123,7 +141,9 @@ start_hasan() {
 
 start_tgt() {
   local cport
+  # tgtd's control socket is per port; never reuse one another tgtd owns.
   cport=$((1000 + RANDOM % 30000))
+  while [[ -e /var/run/tgtd/socket.$cport ]]; do cport=$((1000 + RANDOM % 30000)); done
   tgtd -f -C "$cport" --iscsi "portal=127.0.0.1:$port1" >"$work/target.log" 2>&1 &
   pids+=($!)
   target_pid=$!

@@ -97,7 +97,7 @@ setup() {
 	EOF
 	iscsid || return 1
 	for _ in $(seq 50); do
-		[ -S /run/iscsid.sock ] || pidof iscsid >/dev/null && break
+		pidof iscsid >/dev/null && break
 		sleep 0.1
 	done
 	pidof iscsid >/dev/null || { echo "iscsid is not running"; return 1; }
