@@ -95,4 +95,3 @@ func confirmVerdict(ctxErr error, want, last PowerState, lastErr error, reads in
 	}
 	return fmt.Errorf("fencing: power on not confirmed: status still %v after %d reads: %w", last, reads, ctxErr)
 }
-
