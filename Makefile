@@ -32,9 +32,10 @@ unit: deps
 fuzz:
 	./hack/fuzz.sh $(FUZZTIME)
 
-# libiscsi's iscsi-test-cu against `hasan target run`: thick, thin, CHAP.
+# libiscsi's iscsi-test-cu against `hasan target run` (thick, thin, CHAP) and
+# against a LUN whose backend is a 2-replica volume.
 conformance: deps
-	HASAN_CONFORMANCE=1 $(GO) test -count=1 -v -timeout 40m ./test/conformance/
+	HASAN_CONFORMANCE=1 $(GO) test -count=1 -v -timeout 40m -run '^TestConformance' ./test/conformance/ ./replication/
 
 # The real Linux initiator (open-iscsi) in a QEMU guest: CHAP + mkfs + verify,
 # then two portals folded by dm-multipath.

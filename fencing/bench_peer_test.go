@@ -23,6 +23,9 @@ func TestBenchFencePeers(t *testing.T) {
 	ipmiAgent := ipmi.agent(t, simPass)
 	snmp := startSNMPSim(t, ".1.3.6.1.4.1.318.1.3.4.5")
 	apcAgent := snmp.agent(t, "2c", "", "1")
+	rf := startRedfishDouble(t)
+	rfAgent := rf.agent(t, rf.config(rfPass, "session"))
+	rfBasic := rf.agent(t, rf.config(rfPass, "basic"))
 	type bench struct {
 		name  string
 		agent func(t *testing.T) Agent
@@ -32,6 +35,8 @@ func TestBenchFencePeers(t *testing.T) {
 	benches := []bench{
 		{"ipmi (go-ipmi) vs ipmi_sim", func(*testing.T) Agent { return ipmiAgent }, ipmiAgent, 10 * time.Millisecond},
 		{"apc-snmp (gosnmp v2c) vs snmpd", func(*testing.T) Agent { return apcAgent }, apcAgent, 10 * time.Millisecond},
+		{"redfish (gofish, session) vs double", func(*testing.T) Agent { return rfAgent }, rfAgent, 10 * time.Millisecond},
+		{"redfish (gofish, basic) vs double", func(*testing.T) Agent { return rfBasic }, rfAgent, 10 * time.Millisecond},
 		{"external fence_ipmilan vs ipmi_sim", func(t *testing.T) Agent {
 			needTools(t, "fence_ipmilan")
 			a, err := NewExternal(ipmilanConfig(ipmi, simPass))
@@ -51,6 +56,14 @@ func TestBenchFencePeers(t *testing.T) {
 			return a
 		}, apcAgent, 100 * time.Millisecond},
 	}
+	benches = append(benches, bench{"external fence_redfish vs double", func(t *testing.T) Agent {
+		needTools(t, "fence_redfish")
+		a, err := NewExternal(fenceRedfishConfig(rf, rfPass))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}, rfAgent, 100 * time.Millisecond})
 	var report []string
 	for _, b := range benches {
 		a := b.agent(t)

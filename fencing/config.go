@@ -2,6 +2,7 @@ package fencing
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -27,7 +28,7 @@ type Config struct {
 // DeviceConfig is one fence device. Exactly the section named by Type is
 // used.
 type DeviceConfig struct {
-	// Type is ipmi, apc-snmp, external or manual.
+	// Type is ipmi, apc-snmp, redfish, external or manual.
 	Type string `json:"type"`
 	// Timeout bounds off+confirm on this device; default 30s.
 	Timeout Duration `json:"timeout,omitzero"`
@@ -36,6 +37,7 @@ type DeviceConfig struct {
 
 	IPMI     *IPMIConfig     `json:"ipmi,omitempty"`
 	APC      *APCConfig      `json:"apc_snmp,omitempty"`
+	Redfish  *RedfishConfig  `json:"redfish,omitempty"`
 	External *ExternalConfig `json:"external,omitempty"`
 	Manual   *ManualConfig   `json:"manual,omitempty"`
 }
@@ -76,6 +78,11 @@ func (d DeviceConfig) validate(field string) error {
 			return invalid(field+".apc_snmp", "section required for type apc-snmp")
 		}
 		err = d.APC.Validate()
+	case "redfish":
+		if d.Redfish == nil {
+			return invalid(field+".redfish", "section required for type redfish")
+		}
+		err = d.Redfish.Validate()
 	case "external":
 		if d.External == nil {
 			return invalid(field+".external", "section required for type external")
@@ -87,7 +94,7 @@ func (d DeviceConfig) validate(field string) error {
 		}
 		err = d.Manual.Validate()
 	default:
-		return invalid(field+".type", "%q: want ipmi, apc-snmp, external or manual", d.Type)
+		return invalid(field+".type", "%q: want ipmi, apc-snmp, redfish, external or manual", d.Type)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", field, err)
@@ -132,12 +139,15 @@ func (c Config) Build(logger *slog.Logger) (map[string]Device, error) {
 			a, err = NewIPMI(*dc.IPMI)
 		case "apc-snmp":
 			a, err = NewAPCSNMP(*dc.APC)
+		case "redfish":
+			a, err = NewRedfish(*dc.Redfish, logger)
 		case "external":
 			a, err = NewExternal(*dc.External)
 		case "manual":
 			a, err = NewManual(*dc.Manual, nil, logger)
 		}
 		if err != nil {
+			_ = CloseDevices(out)
 			return nil, fmt.Errorf("devices.%s: %w", name, err)
 		}
 		d := Device{Name: name, Agent: a, Timeout: time.Duration(dc.Timeout), PollInterval: time.Duration(dc.PollInterval)}
@@ -147,6 +157,20 @@ func (c Config) Build(logger *slog.Logger) (map[string]Device, error) {
 		out[name] = d
 	}
 	return out, nil
+}
+
+// CloseDevices closes every agent that holds resources (a Redfish session,
+// for one). Whoever called Build calls it when done with the devices.
+func CloseDevices(devs map[string]Device) error {
+	var errs []error
+	for _, name := range sortedKeys(devs) {
+		if c, ok := devs[name].Agent.(WithClose); ok {
+			if err := c.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("devices.%s: close: %w", name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Fencer builds the devices and returns a Fencer over c's topology.

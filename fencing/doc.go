@@ -1,5 +1,6 @@
 // Package fencing powers failed nodes off and proves it. It owns the fence
 // agents (IPMI lanplus through go-ipmi, APC switched PDUs through gosnmp,
+// Redfish BMCs through gofish,
 // fence-agents compatible programs, manual operator confirmation), the
 // per-node fencing topology, fence history and device health monitoring.
 //

@@ -174,6 +174,14 @@ func (m *MemMembership) AddToISR(ctx context.Context, volume string, epoch uint6
 	return cloneState(*st), nil
 }
 
+// Delete forgets a volume (the controller's part of deleting it).
+func (m *MemMembership) Delete(volume string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.vols, volume)
+	m.log = append(m.log, "delete "+volume)
+}
+
 // Log returns the committed changes so far.
 func (m *MemMembership) Log() []string {
 	m.mu.Lock()

@@ -112,7 +112,7 @@ func (m Message) String() string {
 	return s
 }
 
-// Wire format: a fixed 56-byte header, then the variable parts.
+// Wire format: a fixed 60-byte header, then the variable parts.
 //
 //	u32 magic 'HREP' | u8 type | u8 flags | u16 reserved
 //	u64 epoch | u64 seq | u64 gen | i64 off | i64 len
@@ -183,6 +183,11 @@ func decodeMessage(r *bufio.Reader) (Message, error) {
 		Gen:   binary.BigEndian.Uint64(h[24:]),
 		Off:   int64(binary.BigEndian.Uint64(h[32:])),
 		Len:   int64(binary.BigEndian.Uint64(h[40:])),
+	}
+	if h[6] != 0 || h[7] != 0 {
+		// Reserved for later use: a peer that sets it speaks a protocol
+		// this node does not, and must not be half-understood.
+		return Message{}, fmt.Errorf("%w: reserved header bits set", ErrProtocol)
 	}
 	if m.Type < MsgHello || m.Type > MsgAck {
 		return Message{}, fmt.Errorf("%w: unknown type %d", ErrProtocol, h[4])

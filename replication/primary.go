@@ -582,7 +582,7 @@ func (p *Primary) startRemoval(id string) {
 	}
 	p.meta.Gen = p.cfg.NewGen()
 	p.persist = true
-	g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen}
+	g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen, tick: p.ticks}
 	p.ops[g.token] = g
 	g.issued = true
 	g.acked = make(map[string]bool)
@@ -590,6 +590,12 @@ func (p *Primary) startRemoval(id string) {
 	p.active = append(p.active, g)
 	for _, oid := range p.order {
 		o := p.peers[oid]
+		if o.inISR && !o.removing && o.mode != peerUp {
+			// An ISR member still connecting keeps the old generation:
+			// track from here so its handshake is incremental, not a
+			// full sync.
+			p.markDirty(oid, 0, 0)
+		}
 		if o.inISR && !o.removing && o.mode == peerUp {
 			seq := p.send(oid, Message{Type: MsgGen, Gen: g.addGen})
 			g.sent[oid] = seq
@@ -831,7 +837,7 @@ func (p *Primary) pumpResync() {
 		if pe.inflight == 0 && pm.Dirty.Count() == 0 && !pe.inISR && !pe.adding && !pe.removing {
 			// Caught up: install the current generation, then ask to rejoin.
 			pe.adding = true
-			g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen, forAdd: true, peer: id, issued: true,
+			g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen, forAdd: true, peer: id, issued: true, tick: p.ticks,
 				acked: map[string]bool{id: false}, sent: map[string]uint64{}}
 			p.ops[g.token] = g
 			p.active = append(p.active, g)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 	"time"
 )
@@ -90,6 +91,32 @@ func (s *Server) RemoveVolume(volume string) (*Local, error) {
 	v.io.Wait()
 	v.local.Meta = v.core.Meta()
 	return v.local, nil
+}
+
+// DeleteVolume removes a replica from this node online: it refuses with
+// ErrInUse while a primary is connected for the volume (delete it on the
+// primary first), otherwise it stops serving it, waits for its I/O and
+// removes its data and metadata files.
+func (s *Server) DeleteVolume(volume string) error {
+	s.mu.Lock()
+	v, ok := s.vols[volume]
+	if !ok {
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrUnknownVolume, volume)
+	}
+	for _, vol := range s.conns {
+		if vol == volume {
+			s.mu.Unlock()
+			return fmt.Errorf("%w: a primary is connected to %s", ErrInUse, volume)
+		}
+	}
+	delete(s.vols, volume)
+	s.mu.Unlock()
+	v.mu.Lock()
+	v.io.Wait()
+	v.mu.Unlock()
+	err := v.local.Store.Close()
+	return errors.Join(err, DeleteLocal(filepath.Dir(v.local.MetaPath), volume))
 }
 
 // Serve accepts primaries on l until Close. A benchmark or test may pass
@@ -264,6 +291,12 @@ func applyReplicaIO(st *Store, m Message) ([]byte, error) {
 		if m.Off < 0 || m.Off+int64(len(m.Data)) > st.Size() {
 			return nil, fmt.Errorf("replication: write beyond end (%d+%d > %d)", m.Off, len(m.Data), st.Size())
 		}
+		if m.Flags&FlagResync != 0 && allZero(m.Data) {
+			// A resync copies deallocated ranges as zeros; punching keeps
+			// the replica's hole map (GET LBA STATUS after a failover) and
+			// its space use the same as the primary's.
+			return nil, st.Punch(m.Off, int64(len(m.Data)))
+		}
 		return nil, st.WriteAt(m.Data, m.Off, m.Flags&FlagFUA != 0)
 	case MsgUnmap:
 		if m.Off < 0 || m.Len < 0 || m.Off+m.Len > st.Size() {
@@ -281,6 +314,21 @@ func applyReplicaIO(st *Store, m Message) ([]byte, error) {
 		return st.Sum(m.Off, m.Len)
 	}
 	return nil, fmt.Errorf("replication: unexpected %s", m.Type)
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // writeLoop encodes messages onto c, flushing whenever the queue drains so

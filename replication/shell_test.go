@@ -97,7 +97,11 @@ func testLogger(t testing.TB) *slog.Logger {
 }
 
 func newCluster(t *testing.T, names ...string) *cluster {
-	c := &cluster{t: t, pki: newPKI(t), mem: NewMemMembership(), vol: "vol1", size: 8 << 20, rs: 256 << 10,
+	return newClusterSized(t, 8<<20, 256<<10, names...)
+}
+
+func newClusterSized(t *testing.T, size, rs int64, names ...string) *cluster {
+	c := &cluster{t: t, pki: newPKI(t), mem: NewMemMembership(), vol: "vol1", size: size, rs: rs,
 		nodes: map[string]*testNode{}, unhlth: make(chan error, 4)}
 	base := t.TempDir()
 	for _, n := range names {

@@ -151,6 +151,33 @@ func (s *Store) Sum(off, n int64) ([]byte, error) {
 	return h.Sum(nil), nil
 }
 
+// MapStatus reports whether the extent at off is allocated and how many
+// bytes from off share that state, from the file's hole map (SEEK_DATA and
+// SEEK_HOLE). A block device, or a filesystem without hole reporting, is
+// reported as fully mapped.
+func (s *Store) MapStatus(off int64) (bool, int64, error) {
+	size := s.size.Load()
+	if off < 0 || off >= size {
+		return false, 0, fmt.Errorf("replication: map status at %d beyond size %d", off, size)
+	}
+	fd := int(s.f.Fd())
+	data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	if err == unix.ENXIO {
+		return false, size - off, nil
+	}
+	if err != nil {
+		return true, size - off, nil
+	}
+	if data > off {
+		return false, min(data, size) - off, nil
+	}
+	hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
+	if err != nil {
+		return true, size - off, nil
+	}
+	return true, min(hole, size) - off, nil
+}
+
 // Close closes the file.
 func (s *Store) Close() error { return s.f.Close() }
 
@@ -213,4 +240,30 @@ func OpenLocal(o LocalOptions) (*Local, error) {
 		return nil, err
 	}
 	return &Local{Store: st, MetaPath: metaPath, Meta: m}, nil
+}
+
+// ErrInUse refuses to delete a volume that is still serving I/O.
+var ErrInUse = errors.New("replication: volume in use")
+
+// DeleteLocal removes a replica's data and metadata files from dir (a
+// missing file is not an error), then syncs dir so the removal is durable.
+// The caller makes sure nothing serves the replica any more (Volume.Delete
+// and Server.DeleteVolume do).
+func DeleteLocal(dir, volume string) error {
+	var errs []error
+	// Metadata first: a crash half-way leaves data without metadata, which
+	// OpenLocal would treat as a new replica of unknown contents (full
+	// sync), never as a valid replica.
+	for _, name := range []string{volume + ".meta", volume + ".meta.tmp", volume + ".img"} {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("replication: delete %s: %w", name, err))
+		}
+	}
+	if d, err := os.Open(dir); err == nil {
+		if err := d.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("replication: sync %s: %w", dir, err))
+		}
+		d.Close()
+	}
+	return errors.Join(errs...)
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +37,9 @@ type VolumeConfig struct {
 	// unanswered before it is dropped from the ISR (default 50, i.e. 5s).
 	TickInterval    time.Duration
 	AckTimeoutTicks int
+	// ALSlots bounds the activity log in regions (default 127); see
+	// PrimaryConfig.ALSlots.
+	ALSlots int
 	// OnUnhealthy is called when this node's own disk fails: the cluster
 	// should move the volume. It must not block.
 	OnUnhealthy func(error)
@@ -68,6 +72,9 @@ type Volume struct {
 	rate     map[string]*rateSample
 
 	closeOnce sync.Once
+	// deleting is set (by the loop) once Delete has accepted: every later
+	// request fails with ErrClosed.
+	deleting bool
 }
 
 type peerLink struct {
@@ -125,7 +132,8 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 	for id := range cfg.Peers {
 		peers = append(peers, id)
 	}
-	core, err := NewPrimary(PrimaryConfig{Self: cfg.Self, Peers: peers, NewGen: randomGen, AckTimeoutTicks: cfg.AckTimeoutTicks},
+	core, err := NewPrimary(PrimaryConfig{Self: cfg.Self, Peers: peers, NewGen: randomGen, AckTimeoutTicks: cfg.AckTimeoutTicks,
+		ALSlots: cfg.ALSlots},
 		cfg.Local.Meta.Clone(), st)
 	if err != nil {
 		return nil, err
@@ -434,6 +442,10 @@ func (v *Volume) do(ctx context.Context, r Request) error {
 	r.ID = v.nextID.Add(1)
 	ch := make(chan error, 1)
 	if !v.post(func() {
+		if v.deleting {
+			ch <- ErrClosed
+			return
+		}
 		v.waiters[r.ID] = ch
 		v.core.Propose(r)
 	}) {
@@ -487,6 +499,16 @@ func (v *Volume) Unmap(ctx context.Context, off, length int64) error {
 		return err
 	}
 	return v.do(ctx, Request{Kind: ReqUnmap, Off: off, Len: length})
+}
+
+// MapStatus reports whether the extent at off is allocated on the primary's
+// replica (target/scsi's MapStatusBackend, for GET LBA STATUS). Unmaps reach
+// every ISR member as hole punches, so the map is the same on each of them.
+func (v *Volume) MapStatus(_ context.Context, off int64) (bool, int64, error) {
+	if err := v.checkRange(off, 1); err != nil {
+		return false, 0, err
+	}
+	return v.store.MapStatus(off)
 }
 
 // Size is the capacity in bytes.
@@ -596,6 +618,39 @@ func (v *Volume) Verify(ctx context.Context, repair bool) (VerifyReport, error) 
 		}
 	}
 	return rep, nil
+}
+
+// Delete removes the volume online from this node, the primary: it refuses
+// with ErrInUse while any request is in flight (the LUN must stop sending
+// I/O first), otherwise it stops serving (later requests fail with
+// ErrClosed), closes the replica connections and removes the local data and
+// metadata files. Each replica node then deletes its copy with
+// Server.DeleteVolume, and a node that no longer serves the volume at all
+// with DeleteLocal; dropping the volume from membership is the cluster's.
+func (v *Volume) Delete(ctx context.Context) error {
+	res := make(chan error, 1)
+	if !v.post(func() {
+		if n := len(v.waiters) + len(v.verifies); n > 0 {
+			res <- fmt.Errorf("%w: %d requests in flight", ErrInUse, n)
+			return
+		}
+		v.deleting = true
+		res <- nil
+	}) {
+		return ErrClosed
+	}
+	select {
+	case err := <-res:
+		if err != nil {
+			return err
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := v.Close(); err != nil {
+		return err
+	}
+	return DeleteLocal(filepath.Dir(v.cfg.Local.MetaPath), v.cfg.Local.Meta.Volume)
 }
 
 // Close stops the volume: pending requests fail with ErrClosed.

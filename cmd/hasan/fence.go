@@ -69,6 +69,9 @@ func newFenceTestCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Agents may hold BMC sessions; a BMC with leaked sessions
+			// eventually refuses the login a real failover needs.
+			defer closeDevices(f.Devices)
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			go promptManual(ctx, f, node, in, out)
@@ -132,6 +135,7 @@ func newFenceStatusCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			defer closeDevices(devs)
 			m := &fencing.HealthMonitor{Devices: devs, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 			hs := m.CheckAll(cmd.Context())
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
@@ -159,6 +163,12 @@ func newFenceStatusCmd() *cobra.Command {
 	c.Flags().StringVar(&config, "config", "", "fencing topology (JSON)")
 	_ = c.MarkFlagRequired("config")
 	return c
+}
+
+func closeDevices(devs map[string]fencing.Device) {
+	if err := fencing.CloseDevices(devs); err != nil {
+		slog.Warn("fence: closing devices", "err", err)
+	}
 }
 
 func orDefault(s, d string) string {
