@@ -15,6 +15,7 @@ declare -A need=(
   [cpio]=cpio
   [mkfs.ext4]=e2fsprogs
   [sg_inq]=sg3-utils
+  [ip]=iproute2
 )
 missing=()
 for cmd in "${!need[@]}"; do
