@@ -26,7 +26,7 @@ check:
 # Unit and integration tests, with the race detector. HASAN_FENCE_PEERS makes
 # the fencing tests fail (not skip) when ipmi_sim or snmpd cannot start.
 unit: deps
-	HASAN_FENCE_PEERS=1 $(GO) test -race -count=1 -timeout 20m ./...
+	HASAN_FENCE_PEERS=1 HASAN_LAB_REQUIRED=1 $(GO) test -race -count=1 -timeout 20m ./...
 
 # Every fuzz target for a short time; the seed corpora live in testdata/fuzz.
 fuzz:
@@ -47,6 +47,9 @@ test: deps check unit fuzz conformance test-vm
 bench: deps
 	$(GO) run ./bench
 	HASAN_FENCE_BENCH=1 $(GO) test -count=1 -run TestBenchFencePeers -v ./fencing/
+	# Baseline for the failover probe: a standalone target killed and restarted
+	# (the cluster failover scenarios arrive with issue 5).
+	$(GO) run ./bench/failover -scenario restart -repeats 10 -down 500ms
 
 clean:
 	rm -rf bin
