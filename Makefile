@@ -46,6 +46,7 @@ test: deps check unit fuzz conformance test-vm
 
 bench: deps
 	$(GO) run ./bench
+	$(GO) run ./bench/replication
 	HASAN_FENCE_BENCH=1 $(GO) test -count=1 -run TestBenchFencePeers -v ./fencing/
 	# Baseline for the failover probe: a standalone target killed and restarted
 	# (the cluster failover scenarios arrive with issue 5).

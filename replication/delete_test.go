@@ -74,7 +74,7 @@ func TestVolumeDeleteOnline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.Store.Close()
+	l.Close()
 	if err := DeleteLocal(dir, fVol); err != nil {
 		t.Fatal(err)
 	}

@@ -14,11 +14,17 @@
 //
 //	for core.HasReady() {
 //		rd := core.Ready()
-//		SaveMeta(rd.Persist)           // durable first: activity log, dirty bits, epoch
+//		Local.Persist(rd.Persist)      // durable first: activity log (ALFile, one
+//		                               // flush), dirty bits and epoch (SaveMeta)
 //		issue rd.Local; send rd.Send   // results come back as LocalDone / Step events
 //		hand rd.Propose to Membership  // result comes back as MembershipResult
 //		complete rd.Acks               // only now is the initiator answered
 //	}
+//
+// (Volume persists off its event loop and takes no further Ready until the
+// sync completes, so activity-log changes made meanwhile share the next
+// transaction; for an activity-log-only Ready it sends before the local
+// sync, see docs/replication.md.)
 //
 // ISR changes go through the Membership interface (implemented on Raft by
 // cluster/; MemMembership here enforces the same rules). Tests drive the

@@ -228,7 +228,7 @@ func TestFaultReplicaKilledMidWrite(t *testing.T) {
 
 	ps, _ := v.Status(context.Background())
 	dirtyOut := ps[0].DirtyBytes
-	m2, err := LoadMeta(filepath.Join(h.dir("n2"), fVol+".meta"))
+	m2, err := LoadLocalMeta(h.dir("n2"), fVol)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -513,7 +513,7 @@ func TestFaultZombieOldPrimary(t *testing.T) {
 
 	v := h.promote(addr1)
 	h.waitSynced(v, "n2", "n3")
-	m3, err := LoadMeta(filepath.Join(h.dir("n3"), fVol+".meta"))
+	m3, err := LoadLocalMeta(h.dir("n3"), fVol)
 	if err != nil || m3.Epoch != 2 {
 		t.Fatalf("n3 has not persisted epoch 2: %+v %v", m3, err)
 	}
@@ -591,7 +591,7 @@ func TestFaultZombieOldPrimary(t *testing.T) {
 func (h *fharness) plantPhantom(issued []uint64) {
 	t := h.t
 	t.Helper()
-	m2, err := LoadMeta(filepath.Join(h.dir("n2"), fVol+".meta"))
+	m2, err := LoadLocalMeta(h.dir("n2"), fVol)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -613,12 +613,17 @@ func (h *fharness) plantPhantom(issued []uint64) {
 	if phantom < 0 {
 		t.Fatal("no region left for the phantom write")
 	}
-	m1, err := LoadMeta(filepath.Join(h.dir("n1"), fVol+".meta"))
+	m1, err := LoadLocalMeta(h.dir("n1"), fVol)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m1.AL = append(m1.AL, uint64(int64(phantom)*fStride/fRS))
-	if err := SaveMeta(filepath.Join(h.dir("n1"), fVol+".meta"), m1); err != nil {
+	al, _, err := OpenALFile(filepath.Join(h.dir("n1"), fVol+".al"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = al.Save(append(m1.AL, uint64(int64(phantom)*fStride/fRS)))
+	al.Close()
+	if err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.OpenFile(h.imgPath("n1"), os.O_RDWR, 0)

@@ -227,7 +227,8 @@ func serveMembership(t testing.TB, mem *MemMembership) *membershipServer {
 	ms := &membershipServer{mem: mem, url: "http://" + ln.Addr().String() + "/m"}
 	ms.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var q memReq
-		if err := json.NewDecoder(r.Body).Decode(&q); err != nil {
+		var err error // per request: handlers run concurrently
+		if err = json.NewDecoder(r.Body).Decode(&q); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}

@@ -10,9 +10,11 @@ import (
 	"slices"
 )
 
-// Meta is one node's persistent metadata for one volume replica. It is
-// rewritten whole on every change (write temp, fsync, rename, fsync dir), so
-// a crash leaves either the old or the new version, never a mix.
+// Meta is one node's persistent metadata for one volume replica. Everything
+// but the activity log is in <volume>.meta, rewritten whole on every change
+// (write temp, fsync, rename, fsync dir), so a crash leaves either the old or
+// the new version, never a mix. The activity log changes far more often and
+// lives in <volume>.al (ALFile: one write and one flush per change).
 type Meta struct {
 	Volume     string `json:"volume"`
 	Size       int64  `json:"size"`
@@ -26,7 +28,8 @@ type Meta struct {
 	Gen uint64 `json:"gen"`
 	// AL is the activity log: regions that may have writes in flight. On a
 	// primary it is its own; on a replica it is the copy the primary sent.
-	AL []uint64 `json:"al"`
+	// It is persisted in the ALFile, not in the metadata file.
+	AL []uint64 `json:"-"`
 	// Peers holds, on a primary, the dirty bitmap kept for each replica that
 	// is or was out of sync, and the generation the bitmap is relative to.
 	Peers map[string]*PeerMeta `json:"peers,omitempty"`

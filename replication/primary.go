@@ -24,8 +24,16 @@ type PrimaryConfig struct {
 	// ALSlots bounds the activity log (regions). Regions stay in the log
 	// after their writes finish until the slots are needed, so a workload
 	// with locality pays one metadata write per newly touched region, not per
-	// write. Default 127.
+	// write. Default DefaultALSlots, at most MaxALSlots.
 	ALSlots int
+	// ALPrefetch is how many regions a sequential stream brings into the
+	// activity log at once: when a write misses the log in region r while
+	// r-1 is among the most recently used entries, r+1 .. r+ALPrefetch-1
+	// enter in the same transaction, so a stream pays one transaction per
+	// ALPrefetch regions instead of one per region. The extra entries only
+	// widen what a crash resyncs. 0 or 1 disables it (the scripts' default;
+	// Volume sets 8 MiB worth).
+	ALPrefetch int
 	// ResyncWindow is how many resync chunks may be in flight per peer.
 	// Default 4.
 	ResyncWindow int
@@ -95,23 +103,24 @@ type op struct {
 // performs no I/O: every event method records outputs that Ready returns.
 // It is not safe for concurrent use; the shell serializes calls.
 type Primary struct {
-	cfg     PrimaryConfig
-	meta    *Meta
-	isr     map[string]bool // committed ISR members other than Self
-	peers   map[string]*peer
-	order   []string
-	ops     map[uint64]*op // by token
-	bySeq   map[uint64]*op
-	queue   []*op // not yet issued (range conflict)
-	active  []*op // issued, not released
-	alRefs  map[uint64]int
-	next    uint64 // token and sequence counter
-	ticks   int
-	fenced  error
-	diskErr error
-	rd      Ready
-	persist bool // meta changed and must be durable before this Ready
-	lazy    int  // cleared dirty bits not yet persisted
+	cfg         PrimaryConfig
+	meta        *Meta
+	isr         map[string]bool // committed ISR members other than Self
+	peers       map[string]*peer
+	order       []string
+	ops         map[uint64]*op // by token
+	bySeq       map[uint64]*op
+	queue       []*op // not yet issued (range conflict)
+	active      []*op // issued, not released
+	alRefs      map[uint64]int
+	next        uint64 // token and sequence counter
+	ticks       int
+	fenced      error
+	diskErr     error
+	rd          Ready
+	persistMeta bool // metadata other than the AL changed: durable before this Ready
+	persistAL   bool // the activity log changed: durable before this Ready
+	lazy        int  // cleared dirty bits not yet persisted
 }
 
 // NewPrimary builds the state machine from this node's metadata and the
@@ -127,8 +136,10 @@ func NewPrimary(cfg PrimaryConfig, meta *Meta, st MembershipState) (*Primary, er
 		return nil, errors.New("replication: PrimaryConfig.NewGen is required")
 	}
 	if cfg.ALSlots <= 0 {
-		cfg.ALSlots = 127
+		cfg.ALSlots = DefaultALSlots
 	}
+	cfg.ALSlots = min(cfg.ALSlots, MaxALSlots)
+	cfg.ALPrefetch = min(cfg.ALPrefetch, cfg.ALSlots/4)
 	if cfg.ResyncWindow <= 0 {
 		cfg.ResyncWindow = 4
 	}
@@ -174,7 +185,7 @@ func NewPrimary(cfg PrimaryConfig, meta *Meta, st MembershipState) (*Primary, er
 		}
 	}
 	sort.Strings(p.order)
-	p.persist = true
+	p.persistMeta = true
 	return p, nil
 }
 
@@ -188,18 +199,25 @@ func (p *Primary) Epoch() uint64 { return p.meta.Epoch }
 func (p *Primary) Fenced() error { return p.fenced }
 
 // HasReady reports whether Ready would return anything.
-func (p *Primary) HasReady() bool { return p.persist || !p.rd.Empty() }
+func (p *Primary) HasReady() bool { return p.persistMeta || p.persistAL || !p.rd.Empty() }
 
 // Ready returns and clears the accumulated outputs; see Ready's doc for the
 // order in which the shell must carry them out.
 func (p *Primary) Ready() Ready {
 	rd := p.rd
 	p.rd = Ready{}
-	if p.persist {
+	if p.persistMeta {
 		rd.Persist = p.meta.Clone()
-		p.persist = false
+		rd.PersistMeta = true
+		p.persistMeta = false
 		p.lazy = 0
+	} else if p.persistAL {
+		// Only the activity log is needed: skip copying the bitmaps.
+		rd.Persist = &Meta{Volume: p.meta.Volume, Size: p.meta.Size, RegionSize: p.meta.RegionSize,
+			Epoch: p.meta.Epoch, Gen: p.meta.Gen, AL: slices.Clone(p.meta.AL)}
 	}
+	rd.PersistAL = p.persistAL
+	p.persistAL = false
 	return rd
 }
 
@@ -297,13 +315,18 @@ func (p *Primary) markDirty(id string, lo, hi int64) {
 	a, b := p.regionsOf(lo, hi)
 	for r := a; r <= b; r++ {
 		if pm.Dirty.Set(r) {
-			p.persist = true
+			p.persistMeta = true
 			p.peers[id].total += p.regionLen(r)
 		}
 	}
 }
 
 func (p *Primary) regionLen(r uint64) int64 { lo, hi := p.regionRange(r); return hi - lo }
+
+// alStreamWindow is how many of the most recently used activity-log entries
+// are searched for a write's preceding region to recognise a sequential
+// stream (several concurrent streams each keep theirs near the end).
+const alStreamWindow = 8
 
 func (p *Primary) touchAL(lo, hi int64) {
 	a, b := p.regionsOf(lo, hi)
@@ -314,8 +337,16 @@ func (p *Primary) touchAL(lo, hi int64) {
 			p.meta.AL = append(slices.Delete(p.meta.AL, i, i+1), r)
 			continue
 		}
+		stream := r > 0 && slices.Contains(p.meta.AL[max(0, len(p.meta.AL)-alStreamWindow):], r-1)
 		p.meta.AL = append(p.meta.AL, r)
 		changed = true
+		if stream {
+			for q := r + 1; q < r+uint64(p.cfg.ALPrefetch) && q < p.meta.Regions(); q++ {
+				if !slices.Contains(p.meta.AL, q) {
+					p.meta.AL = append(p.meta.AL, q)
+				}
+			}
+		}
 	}
 	if !changed {
 		return
@@ -328,7 +359,7 @@ func (p *Primary) touchAL(lo, hi int64) {
 		}
 		i++
 	}
-	p.persist = true
+	p.persistAL = true
 	// Replicas keep a copy so that, if this node dies, whichever of them is
 	// promoted knows which regions may differ among the survivors.
 	for _, id := range p.order {
@@ -493,7 +524,7 @@ func (p *Primary) grow(size int64) {
 	for _, pm := range p.meta.Peers {
 		pm.Dirty.Grow(n)
 	}
-	p.persist = true
+	p.persistMeta = true
 }
 
 // LocalDone reports the outcome of a LocalOp. data is the region read for
@@ -581,7 +612,7 @@ func (p *Primary) startRemoval(id string) {
 		pm.Base = pe.knownGen
 	}
 	p.meta.Gen = p.cfg.NewGen()
-	p.persist = true
+	p.persistMeta = true
 	g := &op{token: p.nextID(), kind: opGen, addGen: p.meta.Gen, tick: p.ticks}
 	p.ops[g.token] = g
 	g.issued = true
@@ -664,7 +695,7 @@ func (p *Primary) MembershipResult(pr Proposal, st MembershipState, err error) {
 			q.knownGen = p.meta.Gen
 			if pm := p.meta.Peers[id]; pm != nil && pm.Dirty.Count() == 0 {
 				delete(p.meta.Peers, id)
-				p.persist = true
+				p.persistMeta = true
 			}
 			// In-flight writes already sent to it now need its ack too.
 			for _, o := range p.active {
@@ -743,7 +774,7 @@ func (p *Primary) Step(from string, m Message) {
 				// again), so cleared bits are persisted in batches.
 				p.lazy++
 				if p.lazy >= 64 || pm.Dirty.Count() == 0 {
-					p.persist = true
+					p.persistMeta = true
 				}
 			}
 		case opVerify:
@@ -780,7 +811,7 @@ func (p *Primary) handshake(pe *peer, m Message) {
 		pm = &PeerMeta{Base: base, Dirty: NewBitmap(p.meta.Regions())}
 		pm.Dirty.SetAll()
 		p.meta.Peers[id] = pm
-		p.persist = true
+		p.persistMeta = true
 		p.send(id, Message{Type: MsgGen, Gen: base})
 		pe.knownGen = base
 		pe.done, pe.total = 0, p.dirtyBytes(id)
@@ -795,7 +826,7 @@ func (p *Primary) handshake(pe *peer, m Message) {
 	pm = p.meta.Peers[id]
 	for _, r := range m.Regions {
 		if pm.Dirty.Set(r) {
-			p.persist = true
+			p.persistMeta = true
 		}
 	}
 	if pe.knownGen == 0 {

@@ -108,11 +108,13 @@ type VerifyResult struct {
 // must handle one Ready completely, in this order, before asking for the
 // next:
 //
-//  1. Persist, if set, is written durably (SaveMeta) first. It holds the
-//     activity log entries and dirty bits that the rest of this Ready relies
-//     on: the activity log is on disk before a write to its regions is
-//     issued, and dirty bits are on disk before a write that a replica missed
-//     is acknowledged.
+//  1. Persist, if set, is made durable first: with PersistAL its activity
+//     log (ALFile.Save: one write and one flush), with PersistMeta the rest
+//     of it (SaveMeta). It holds the activity log entries and dirty bits that
+//     the rest of this Ready relies on: the activity log is on disk before a
+//     write to its regions is issued, and dirty bits are on disk before a
+//     write that a replica missed is acknowledged. Without PersistMeta only
+//     Persist.AL is filled in.
 //  2. Local and Send are issued (concurrently with each other; Send in order
 //     per peer). Disconnect names peers whose connection must be dropped.
 //  3. Propose is handed to Membership.
@@ -121,13 +123,15 @@ type VerifyResult struct {
 //     was removed from the ISR by a committed change); a FUA write or flush
 //     only once all of them made it durable.
 type Ready struct {
-	Persist    *Meta
-	Local      []LocalOp
-	Send       []Envelope
-	Disconnect []string
-	Propose    []Proposal
-	Acks       []Ack
-	Verified   []VerifyResult
+	Persist     *Meta
+	PersistMeta bool
+	PersistAL   bool
+	Local       []LocalOp
+	Send        []Envelope
+	Disconnect  []string
+	Propose     []Proposal
+	Acks        []Ack
+	Verified    []VerifyResult
 	// Unhealthy is set when the primary's own disk failed: the node must be
 	// reported unhealthy so the cluster moves the volume.
 	Unhealthy error
@@ -135,6 +139,6 @@ type Ready struct {
 
 // Empty reports whether there is nothing to do.
 func (rd *Ready) Empty() bool {
-	return rd.Persist == nil && len(rd.Local) == 0 && len(rd.Send) == 0 && len(rd.Disconnect) == 0 &&
+	return rd.Persist == nil && !rd.PersistMeta && !rd.PersistAL && len(rd.Local) == 0 && len(rd.Send) == 0 && len(rd.Disconnect) == 0 &&
 		len(rd.Propose) == 0 && len(rd.Acks) == 0 && len(rd.Verified) == 0 && rd.Unhealthy == nil
 }

@@ -13,23 +13,27 @@ type ReplicaIO struct {
 }
 
 // ReplicaReady is what the replica state machine asks its shell to do, in
-// order: make Persist durable; if Barrier, wait for every ReplicaIO still
+// order: make Persist durable (its activity log with PersistAL, the rest
+// with PersistMeta, as for Ready); if Barrier, wait for every ReplicaIO still
 // running (so nothing from an older epoch lands after this point); then
 // start IO (concurrently: the primary never has overlapping operations in
 // flight) and send Send on the connection.
 type ReplicaReady struct {
-	Persist *Meta
-	Barrier bool
-	IO      []ReplicaIO
-	Send    []Message
+	Persist     *Meta
+	PersistMeta bool
+	PersistAL   bool
+	Barrier     bool
+	IO          []ReplicaIO
+	Send        []Message
 }
 
 // Replica is a replica's protocol state machine: epoch fencing and the
 // metadata messages. It performs no I/O and is not safe for concurrent use.
 type Replica struct {
-	meta *Meta
-	rd   ReplicaReady
-	dirt bool
+	meta    *Meta
+	rd      ReplicaReady
+	dirtyMD bool // metadata other than the AL changed
+	dirtyAL bool
 }
 
 // NewReplica wraps this node's metadata for the volume.
@@ -42,9 +46,10 @@ func (r *Replica) Meta() *Meta { return r.meta }
 func (r *Replica) Ready() ReplicaReady {
 	rd := r.rd
 	r.rd = ReplicaReady{}
-	if r.dirt {
+	if r.dirtyMD || r.dirtyAL {
 		rd.Persist = r.meta.Clone()
-		r.dirt = false
+		rd.PersistMeta, rd.PersistAL = r.dirtyMD, r.dirtyAL
+		r.dirtyMD, r.dirtyAL = false, false
 	}
 	return rd
 }
@@ -61,7 +66,7 @@ func (r *Replica) Step(m Message) {
 	}
 	if m.Epoch > r.meta.Epoch {
 		r.meta.Epoch = m.Epoch
-		r.dirt = true
+		r.dirtyMD = true
 		r.rd.Barrier = true
 	}
 	ack := Message{Type: MsgAck, Epoch: r.meta.Epoch, Seq: m.Seq}
@@ -75,23 +80,23 @@ func (r *Replica) Step(m Message) {
 		// it was primary is no longer relative to the current data.
 		if len(r.meta.Peers) > 0 {
 			r.meta.Peers = nil
-			r.dirt = true
+			r.dirtyMD = true
 		}
 		r.rd.Barrier = true
 		r.rd.Send = append(r.rd.Send, Message{Type: MsgHelloAck, Epoch: r.meta.Epoch, Gen: r.meta.Gen,
 			Len: r.meta.Size, Regions: slices.Clone(r.meta.AL)})
 	case MsgAL:
 		r.meta.AL = slices.Clone(m.Regions)
-		r.dirt = true
+		r.dirtyAL = true
 		r.rd.Send = append(r.rd.Send, ack)
 	case MsgGen:
 		r.meta.Gen = m.Gen
-		r.dirt = true
+		r.dirtyMD = true
 		r.rd.Send = append(r.rd.Send, ack)
 	case MsgResize:
 		if m.Len > r.meta.Size {
 			r.meta.Size = m.Len
-			r.dirt = true
+			r.dirtyMD = true
 		}
 		r.rd.IO = append(r.rd.IO, ReplicaIO{Msg: m})
 	case MsgWrite, MsgUnmap, MsgFlush, MsgChecksum:

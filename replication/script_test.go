@@ -372,8 +372,8 @@ func (e *env) processPrimary(n *hnode) bool {
 	}
 	rd := n.prim.Ready()
 	if rd.Persist != nil {
-		n.durable = rd.Persist
-		e.printf("%s: persist %s", n.name, metaString(rd.Persist))
+		n.durable = durableAfter(n.durable, rd.Persist, rd.PersistMeta, rd.PersistAL)
+		e.printf("%s: persist %s", n.name, metaString(n.prim.Meta()))
 	}
 	type done struct {
 		tok  uint64
@@ -500,7 +500,7 @@ func (e *env) deliver(from, to string, m Message) {
 	n.repl.Step(m)
 	rd := n.repl.Ready()
 	if rd.Persist != nil {
-		n.durable = rd.Persist
+		n.durable = durableAfter(n.durable, rd.Persist, rd.PersistMeta, rd.PersistAL)
 	}
 	for _, s := range rd.Send {
 		e.net.Send(to, from, s)
@@ -521,6 +521,20 @@ func (e *env) deliver(from, to string, m Message) {
 			e.printf("%s->%s Ack seq=%d err=%v", to, from, io.Msg.Seq, err)
 		}
 	}
+}
+
+// durableAfter is what a node's disk holds after a Ready's Persist: the
+// activity-log file and the metadata file are saved independently.
+func durableAfter(old, m *Meta, md, al bool) *Meta {
+	d := old.Clone()
+	if md {
+		d = m.Clone()
+		d.AL = old.AL
+	}
+	if al {
+		d.AL = slices.Clone(m.AL)
+	}
+	return d
 }
 
 func metaString(m *Meta) string {

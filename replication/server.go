@@ -46,6 +46,12 @@ type replicaVol struct {
 	core  *Replica
 	local *Local
 	io    sync.WaitGroup // replica I/O in flight
+	// current is the connection whose Hello was accepted last. Messages
+	// still arriving on an older connection (data a primary queued before
+	// it dropped that connection, perhaps held up in the network) are
+	// discarded: applied after the new connection's handshake and resync
+	// they would overwrite newer data with stale writes.
+	current net.Conn
 }
 
 // NewServer validates cfg and returns a server with no volumes.
@@ -115,7 +121,7 @@ func (s *Server) DeleteVolume(volume string) error {
 	v.mu.Lock()
 	v.io.Wait()
 	v.mu.Unlock()
-	err := v.local.Store.Close()
+	err := v.local.Close()
 	return errors.Join(err, DeleteLocal(filepath.Dir(v.local.MetaPath), volume))
 }
 
@@ -185,7 +191,7 @@ func (s *Server) Close() error {
 	var errs []error
 	for _, v := range vols {
 		v.io.Wait()
-		errs = append(errs, v.local.Store.Close())
+		errs = append(errs, v.local.Close())
 	}
 	return errors.Join(errs...)
 }
@@ -244,10 +250,24 @@ func (s *Server) serveConn(c net.Conn) {
 	defer pending.Wait()
 	for {
 		v.mu.Lock()
+		if m.Type != MsgHello && v.current != c {
+			v.mu.Unlock()
+			log.Debug("replication: connection superseded by a newer one")
+			return
+		}
 		v.core.Step(m)
+		if m.Type == MsgHello && m.Epoch >= v.core.Meta().Epoch {
+			// Accepted (a lower epoch was rejected): this is now the
+			// primary's connection. The Hello's barrier below waits for
+			// the I/O the old one started; the rest of it is dropped.
+			if v.current != nil && v.current != c {
+				v.current.Close()
+			}
+			v.current = c
+		}
 		rd := v.core.Ready()
 		if rd.Persist != nil {
-			if err := SaveMeta(v.local.MetaPath, rd.Persist); err != nil {
+			if err := v.local.Persist(rd.Persist, rd.PersistMeta, rd.PersistAL); err != nil {
 				v.mu.Unlock()
 				log.Error("replication: persist metadata", "err", err)
 				return

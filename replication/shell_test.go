@@ -376,7 +376,7 @@ func TestFullSyncForUnknownReplicaThrottled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.Store.Close()
+	l.Close()
 	c.startReplica("n2", n.addr)
 	start := time.Now()
 	var maxTotal int64

@@ -181,12 +181,33 @@ func (s *Store) MapStatus(off int64) (bool, int64, error) {
 // Close closes the file.
 func (s *Store) Close() error { return s.f.Close() }
 
-// Local is one node's replica of a volume: <dir>/<volume>.img holds the data
-// and <dir>/<volume>.meta the metadata next to it.
+// Local is one node's replica of a volume: <dir>/<volume>.img holds the
+// data, <dir>/<volume>.meta the metadata next to it and <dir>/<volume>.al
+// the activity log.
 type Local struct {
 	Store    *Store
 	MetaPath string
 	Meta     *Meta
+	AL       *ALFile
+}
+
+// Persist makes m durable: its activity log if al (one write and one flush
+// of the activity-log file), everything else if md (SaveMeta).
+func (l *Local) Persist(m *Meta, md, al bool) error {
+	if al {
+		if err := l.AL.Save(m.AL); err != nil {
+			return err
+		}
+	}
+	if md {
+		return SaveMeta(l.MetaPath, m)
+	}
+	return nil
+}
+
+// Close closes the data and activity-log files.
+func (l *Local) Close() error {
+	return errors.Join(l.Store.Close(), l.AL.Close())
 }
 
 // LocalOptions describe a replica to open or create.
@@ -205,7 +226,8 @@ type LocalOptions struct {
 
 // DefaultRegionSize is the dirty-tracking, resync and verify granularity.
 // 1 MiB keeps the bitmap at 128 KiB per TiB, small enough to rewrite
-// atomically, keeps 127 activity-log slots covering a 127 MiB hot set, and
+// atomically, keeps the activity log's slots covering a hot set of that many
+// MiB, and
 // makes each resync chunk a single efficient network transfer; the cost is
 // that a 4 KiB write dirties 1 MiB of resync work while a replica is out.
 const DefaultRegionSize = 1 << 20
@@ -222,24 +244,68 @@ func OpenLocal(o LocalOptions) (*Local, error) {
 		return nil, fmt.Errorf("replication: %w", err)
 	}
 	metaPath := filepath.Join(o.Dir, o.Volume+".meta")
+	alPath := filepath.Join(o.Dir, o.Volume+".al")
 	m, err := LoadMeta(metaPath)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		if o.Size <= 0 {
 			return nil, fmt.Errorf("replication: new replica %s needs a size", o.Volume)
 		}
+		// A fresh, empty activity log first (replacing any leftover of a
+		// deleted volume), then the metadata that makes the replica exist:
+		// an existing replica without its activity-log file is corrupt,
+		// never silently given an empty log.
+		if err := os.Remove(alPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("replication: %w", err)
+		}
 		m = &Meta{Volume: o.Volume, Size: o.Size, RegionSize: o.RegionSize, Gen: o.Gen}
+		a, _, err := OpenALFile(alPath)
+		if err != nil {
+			return nil, err
+		}
+		a.Close()
 		if err := SaveMeta(metaPath, m); err != nil {
 			return nil, err
 		}
 	case err != nil:
 		return nil, err
 	}
-	st, err := OpenStore(filepath.Join(o.Dir, o.Volume+".img"), m.Size)
+	if _, err := os.Stat(alPath); err != nil {
+		return nil, fmt.Errorf("%w: %s: activity log missing: %v", ErrCorrupt, alPath, err)
+	}
+	a, al, err := OpenALFile(alPath)
 	if err != nil {
 		return nil, err
 	}
-	return &Local{Store: st, MetaPath: metaPath, Meta: m}, nil
+	m.AL = al
+	st, err := OpenStore(filepath.Join(o.Dir, o.Volume+".img"), m.Size)
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	return &Local{Store: st, MetaPath: metaPath, Meta: m, AL: a}, nil
+}
+
+// LoadLocalMeta reads a replica's metadata and activity log without opening
+// it for I/O (tools and tests inspecting a node's state).
+func LoadLocalMeta(dir, volume string) (*Meta, error) {
+	m, err := LoadMeta(filepath.Join(dir, volume+".meta"))
+	if err != nil {
+		return nil, err
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, volume+".al"))
+	if err != nil {
+		return nil, fmt.Errorf("%w: activity log: %v", ErrCorrupt, err)
+	}
+	if len(raw) < 2*alSlotBytes {
+		return nil, fmt.Errorf("%w: short activity log", ErrCorrupt)
+	}
+	_, al, err := decodeALSlots(raw)
+	if err != nil {
+		return nil, fmt.Errorf("%w: activity log: %v", ErrCorrupt, err)
+	}
+	m.AL = al
+	return m, nil
 }
 
 // ErrInUse refuses to delete a volume that is still serving I/O.
@@ -254,7 +320,7 @@ func DeleteLocal(dir, volume string) error {
 	// Metadata first: a crash half-way leaves data without metadata, which
 	// OpenLocal would treat as a new replica of unknown contents (full
 	// sync), never as a valid replica.
-	for _, name := range []string{volume + ".meta", volume + ".meta.tmp", volume + ".img"} {
+	for _, name := range []string{volume + ".meta", volume + ".meta.tmp", volume + ".al", volume + ".al.tmp", volume + ".img"} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("replication: delete %s: %w", name, err))
 		}

@@ -37,9 +37,14 @@ type VolumeConfig struct {
 	// unanswered before it is dropped from the ISR (default 50, i.e. 5s).
 	TickInterval    time.Duration
 	AckTimeoutTicks int
-	// ALSlots bounds the activity log in regions (default 127); see
+	// ALSlots bounds the activity log in regions (default DefaultALSlots); see
 	// PrimaryConfig.ALSlots.
 	ALSlots int
+	// ALPrefetch is how many regions a sequential stream brings into the
+	// activity log per transaction (PrimaryConfig.ALPrefetch). 0 means
+	// 8 MiB worth of regions (at most 1/16 of the volume); negative
+	// disables it.
+	ALPrefetch int
 	// OnUnhealthy is called when this node's own disk fails: the cluster
 	// should move the volume. It must not block.
 	OnUnhealthy func(error)
@@ -66,10 +71,15 @@ type Volume struct {
 	bucket *tokenBucket
 
 	// Loop-owned state.
-	waiters  map[uint64]chan error
-	verifies map[uint64]chan VerifyResult
-	peers    map[string]*peerLink
-	rate     map[string]*rateSample
+	persisting bool // a Ready's Persist is being made durable
+	waiters    map[uint64]chan error
+	verifies   map[uint64]chan VerifyResult
+	peers      map[string]*peerLink
+	rate       map[string]*rateSample
+
+	// Activity-log transactions and metadata saves, and the time spent
+	// making them durable, for benchmarks and metrics.
+	alTx, metaTx, persistNs atomic.Int64
 
 	closeOnce sync.Once
 	// deleting is set (by the loop) once Delete has accepted: every later
@@ -132,8 +142,14 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 	for id := range cfg.Peers {
 		peers = append(peers, id)
 	}
+	if cfg.ALPrefetch == 0 {
+		// 8 MiB worth, but never more than 1/16 of the volume: the
+		// prefetched regions widen the resync after a crash.
+		m := cfg.Local.Meta
+		cfg.ALPrefetch = int(max(1, min((8<<20)/m.RegionSize, int64(m.Regions()/16))))
+	}
 	core, err := NewPrimary(PrimaryConfig{Self: cfg.Self, Peers: peers, NewGen: randomGen, AckTimeoutTicks: cfg.AckTimeoutTicks,
-		ALSlots: cfg.ALSlots},
+		ALSlots: cfg.ALSlots, ALPrefetch: cfg.ALPrefetch},
 		cfg.Local.Meta.Clone(), st)
 	if err != nil {
 		return nil, err
@@ -151,7 +167,7 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 	// The epoch (and activity-log-derived dirty bits) are durable before
 	// anything is sent.
 	if rd := core.Ready(); rd.Persist != nil {
-		if err := SaveMeta(cfg.Local.MetaPath, rd.Persist); err != nil {
+		if err := cfg.Local.Persist(rd.Persist, rd.PersistMeta, rd.PersistAL); err != nil {
 			return nil, err
 		}
 	}
@@ -202,15 +218,69 @@ func (v *Volume) loop() {
 			}
 			return
 		}
-		for v.core.HasReady() {
-			v.handle(v.core.Ready())
-		}
+		v.drain()
 	}
 }
 
-func (v *Volume) handle(rd Ready) {
+// drain carries out the core's Readies. A Ready that must persist something
+// is persisted by another goroutine while the loop goes on taking events;
+// the core meanwhile accumulates everything that follows, so the next
+// Ready's single transaction covers every activity-log change made while
+// this one was syncing (group commit), and nothing of it runs before this
+// one is durable.
+func (v *Volume) drain() {
+	for !v.persisting && v.core.HasReady() {
+		rd := v.core.Ready()
+		if rd.Persist == nil {
+			v.handle(rd, nil)
+			continue
+		}
+		if !rd.PersistMeta {
+			// Activity log only: the messages may leave before the local
+			// log is durable, because each replica persists the MsgAL ahead
+			// of them before applying them and reports its copy in every
+			// HelloAck, so a region they write is known even if this node
+			// crashes now. Only the local writes must wait for the local
+			// log. Dirty bits and generations (PersistMeta) are not sent
+			// ahead: acknowledgements and MsgGen rely on them.
+			v.send(rd)
+			rd.Send, rd.Disconnect = nil, nil
+		}
+		v.persisting = true
+		v.wg.Add(1)
+		go func() {
+			defer v.wg.Done()
+			start := time.Now()
+			err := v.cfg.Local.Persist(rd.Persist, rd.PersistMeta, rd.PersistAL)
+			v.persistNs.Add(int64(time.Since(start)))
+			if rd.PersistAL {
+				v.alTx.Add(1)
+			}
+			if rd.PersistMeta {
+				v.metaTx.Add(1)
+			}
+			v.post(func() {
+				v.persisting = false
+				v.handle(rd, err)
+			})
+		}()
+		return
+	}
+}
+
+func (v *Volume) send(rd Ready) {
+	for _, s := range rd.Send {
+		v.peers[s.To].send(s.Msg)
+	}
+	for _, id := range rd.Disconnect {
+		v.peers[id].drop()
+	}
+}
+
+// handle carries out rd once its Persist (if any) completed with err.
+func (v *Volume) handle(rd Ready, err error) {
 	if rd.Persist != nil {
-		if err := SaveMeta(v.cfg.Local.MetaPath, rd.Persist); err != nil {
+		if err != nil {
 			// Without durable metadata nothing else in this Ready may
 			// proceed; the node's disk is failing.
 			v.unhealthy(err)
@@ -234,12 +304,7 @@ func (v *Volume) handle(rd Ready) {
 			v.post(func() { v.core.LocalDone(l.Token, err, data) })
 		}(l)
 	}
-	for _, s := range rd.Send {
-		v.peers[s.To].send(s.Msg)
-	}
-	for _, id := range rd.Disconnect {
-		v.peers[id].drop()
-	}
+	v.send(rd)
 	for _, pr := range rd.Propose {
 		v.wg.Add(1)
 		go func(pr Proposal) {
@@ -662,7 +727,7 @@ func (v *Volume) Close() error {
 		}
 	})
 	v.wg.Wait()
-	return v.store.Close()
+	return v.cfg.Local.Close()
 }
 
 type tokenBucket struct {

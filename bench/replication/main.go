@@ -1,0 +1,90 @@
+// Command replication is the replicated-volume part of `make bench`: it
+// compares a 1-replica volume with a 2-replica volume replicated over TCP
+// between two network namespaces joined by a veth pair.
+//
+//	go run ./bench/replication              # needs root (ip netns)
+//	go run ./bench/replication -repeats 5 -duration 4s
+//
+// The coordinator (this process, in the root namespace) creates the
+// namespaces hrb-p-<pid> and hrb-r-<pid>, a veth pair between them with
+// link-local addresses that exist only there, and re-executes itself in
+// each: "-role replica" runs a replica Server in one, "-role primary" runs
+// the volumes and the workloads in the other and prints the table. The
+// namespaces (and with them the veth pair) are deleted at the end, also on
+// failure or Ctrl-C; the children die with the coordinator (parent-death
+// signal, and they exit when their stdin closes).
+//
+// The workloads call the Volume (the target's Backend) directly, not
+// through iSCSI: this measures the replication protocol and its disk path,
+// not the target. Backing files are on tmpfs; see README.md.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+type options struct {
+	role     string
+	repeats  int
+	duration time.Duration
+	sizeMiB  int64
+	qd       int
+	dir      string
+	listen   string // replica: replication address (plaintext)
+	tlsAddr  string // replica: replication address (TLS)
+	ctlAddr  string // replica: control address
+	replica  string // primary: replica host
+	certs    string
+	tls      bool
+	out      string
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.role, "role", "", "internal: replica or primary (set by the coordinator)")
+	flag.IntVar(&o.repeats, "repeats", 3, "measured runs per row and configuration")
+	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of each throughput and latency run")
+	flag.Int64Var(&o.sizeMiB, "size-mib", 1024, "volume size in MiB (also the resync size)")
+	flag.IntVar(&o.qd, "qd", 32, "queue depth of the IOPS and MB/s rows")
+	flag.StringVar(&o.dir, "dir", "", "directory for backing files (default: a new directory in /dev/shm)")
+	flag.BoolVar(&o.tls, "tls", true, "also measure 2 replicas over TLS")
+	flag.StringVar(&o.out, "out", "bench/out/replication.json", "where the runs are written as JSON (empty: nowhere)")
+	flag.StringVar(&o.listen, "listen", "", "internal")
+	flag.StringVar(&o.tlsAddr, "tls-listen", "", "internal")
+	flag.StringVar(&o.ctlAddr, "ctl", "", "internal")
+	flag.StringVar(&o.replica, "replica", "", "internal")
+	flag.StringVar(&o.certs, "certs", "", "internal")
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", roleName(o.role))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	var err error
+	switch o.role {
+	case "":
+		err = coordinate(ctx, log, o)
+	case "replica":
+		err = runReplica(ctx, log, o)
+	case "primary":
+		err = runPrimary(ctx, log, o)
+	default:
+		err = fmt.Errorf("bench/replication: unknown role %q", o.role)
+	}
+	stop()
+	if err != nil {
+		log.Error("bench/replication failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+func roleName(r string) string {
+	if r == "" {
+		return "coordinator"
+	}
+	return r
+}
