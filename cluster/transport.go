@@ -1,0 +1,253 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/hasan-storage/hasan/replication"
+)
+
+// Stream tags. Raft's NetworkTransport starts every connection with its
+// RPC type byte (0..4); our own streams use tags above 0x80 on the same
+// mutual-TLS listener, so one port and one CA serve everything.
+const (
+	tagForward   byte = 0xF0 // a follower's proposal, applied by the leader
+	tagHeartbeat byte = 0xF1 // a node's liveness stream to the leader
+)
+
+// muxLayer is a raft.StreamLayer over TLS that hands raft its connections
+// and routes tagged streams to handlers.
+type muxLayer struct {
+	ln        net.Listener
+	advertise net.Addr
+	tls       *tls.Config
+	log       *slog.Logger
+
+	raftConns chan net.Conn
+	handlers  map[byte]func(net.Conn)
+	done      chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+
+	mu    sync.Mutex
+	conns map[net.Conn]struct{} // accepted connections in handlers, closed by Close
+}
+
+var _ raft.StreamLayer = (*muxLayer)(nil)
+
+func newMuxLayer(bind string, advertise net.Addr, cfg *tls.Config, log *slog.Logger) (*muxLayer, error) {
+	ln, err := tls.Listen("tcp", bind, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: listen %s: %w", bind, err)
+	}
+	if advertise == nil {
+		advertise = ln.Addr()
+	}
+	m := &muxLayer{ln: ln, advertise: advertise, tls: cfg, log: log,
+		raftConns: make(chan net.Conn), handlers: map[byte]func(net.Conn){}, done: make(chan struct{}),
+		conns: map[net.Conn]struct{}{}}
+	return m, nil
+}
+
+// handle registers a handler; call before start.
+func (m *muxLayer) handle(tag byte, h func(net.Conn)) { m.handlers[tag] = h }
+
+func (m *muxLayer) start() {
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		for {
+			c, err := m.ln.Accept()
+			if err != nil {
+				select {
+				case <-m.done:
+					return
+				default:
+				}
+				m.log.Warn("cluster: accept", "err", err)
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			if !m.track(c) {
+				c.Close()
+				return
+			}
+			m.wg.Add(1)
+			go func() {
+				defer m.wg.Done()
+				defer m.untrack(c)
+				m.route(c)
+			}()
+		}
+	}()
+}
+
+// route finishes the handshake and dispatches on the first byte. A peer
+// without a certificate from the cluster CA never gets past Handshake.
+func (m *muxLayer) route(c net.Conn) {
+	tc := c.(*tls.Conn)
+	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		m.log.Warn("cluster: tls handshake refused", "remote", c.RemoteAddr(), "err", err)
+		c.Close()
+		return
+	}
+	br := bufio.NewReader(tc)
+	tag, err := br.Peek(1)
+	if err != nil {
+		c.Close()
+		return
+	}
+	_ = tc.SetDeadline(time.Time{})
+	pc := &peekedConn{Conn: tc, r: br}
+	if h, ok := m.handlers[tag[0]]; ok {
+		_, _ = br.Discard(1)
+		h(pc)
+		return
+	}
+	select {
+	case m.raftConns <- pc:
+	case <-m.done:
+		c.Close()
+	}
+}
+
+// track registers an accepted connection; false once closed.
+func (m *muxLayer) track(c net.Conn) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	select {
+	case <-m.done:
+		return false
+	default:
+	}
+	m.conns[c] = struct{}{}
+	return true
+}
+
+func (m *muxLayer) untrack(c net.Conn) {
+	m.mu.Lock()
+	delete(m.conns, c)
+	m.mu.Unlock()
+}
+
+func (m *muxLayer) Accept() (net.Conn, error) {
+	select {
+	case c := <-m.raftConns:
+		return c, nil
+	case <-m.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (m *muxLayer) Close() error {
+	m.closeOnce.Do(func() {
+		m.mu.Lock()
+		close(m.done)
+		// Handler streams (heartbeats, forwards) end with the node: a
+		// closed node must not keep reading peers' beats.
+		for c := range m.conns {
+			c.Close()
+		}
+		m.mu.Unlock()
+		m.ln.Close()
+	})
+	return nil
+}
+
+// wait returns once every accept and routing goroutine has ended.
+func (m *muxLayer) wait() { m.wg.Wait() }
+
+func (m *muxLayer) Addr() net.Addr { return m.advertise }
+
+func (m *muxLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	d := &net.Dialer{Timeout: timeout}
+	return tls.DialWithDialer(d, "tcp", string(addr), m.tls)
+}
+
+// dialTagged opens one of our streams.
+func (m *muxLayer) dialTagged(ctx context.Context, addr string, tag byte) (net.Conn, error) {
+	d := &tls.Dialer{Config: m.tls}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write([]byte{tag}); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+type peekedConn struct {
+	*tls.Conn
+	r *bufio.Reader
+}
+
+func (p *peekedConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+
+// ConnectionState lets PeerID see through the wrapper.
+func (p *peekedConn) ConnectionState() tls.ConnectionState { return p.Conn.ConnectionState() }
+
+// Forwarding: a follower's proposal travels to the leader as the encoded
+// command; the answer carries Apply's value and an error code, so the
+// sentinels survive the hop (errors.Is works on the follower).
+
+type forwardRequest struct{ Cmd []byte }
+
+type forwardResponse struct {
+	Value any
+	Code  string
+	Msg   string
+}
+
+func init() {
+	gob.Register(replication.MembershipState{})
+}
+
+// wireErrors lists the sentinels that keep their identity over the wire.
+var wireErrors = map[string]error{
+	"not-found": ErrNotFound, "exists": ErrExists, "invalid": ErrInvalid, "in-use": ErrInUse,
+	"not-owner": ErrNotOwner, "not-fenced": ErrNotFenced, "token": ErrToken, "node-state": ErrNodeState,
+	"group-owned": ErrGroupOwned, "owner-differ": ErrOwnerDiffer, "decode": ErrDecode, "not-leader": ErrNotLeader,
+	"stale-epoch": replication.ErrStaleEpoch, "not-primary": replication.ErrNotPrimary,
+	"not-caught-up": replication.ErrNotCaughtUp, "not-in-isr": replication.ErrNotInISR,
+	"unknown-volume": replication.ErrUnknownVolume,
+}
+
+func errorCode(err error) string {
+	for code, s := range wireErrors {
+		if errors.Is(err, s) {
+			return code
+		}
+	}
+	return "other"
+}
+
+func errorFromWire(code, msg string) error {
+	if code == "" {
+		return nil
+	}
+	if s, ok := wireErrors[code]; ok {
+		return &wireError{sentinel: s, msg: msg}
+	}
+	return errors.New(msg)
+}
+
+type wireError struct {
+	sentinel error
+	msg      string
+}
+
+func (e *wireError) Error() string { return e.msg }
+func (e *wireError) Unwrap() error { return e.sentinel }
