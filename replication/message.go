@@ -130,15 +130,31 @@ const (
 // closed.
 var ErrProtocol = errors.New("replication: protocol error")
 
+// encodeMessage writes m to w.
 func encodeMessage(w *bufio.Writer, m *Message) error {
+	h, errStr, err := encodeHeader(m)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(h[:]); err != nil {
+		return err
+	}
+	w.Write(appendVariable(nil, m, errStr))
+	_, err = w.Write(m.Data)
+	return err
+}
+
+// encodeHeader builds m's fixed header and returns the error string as it
+// goes on the wire (truncated).
+func encodeHeader(m *Message) ([headerLen]byte, string, error) {
+	var h [headerLen]byte
 	if len(m.Volume) > 0xffff || len(m.From) > 0xffff || len(m.Regions) >= maxRegionList || len(m.Data) > maxDataLen {
-		return fmt.Errorf("%w: message too large", ErrProtocol)
+		return h, "", fmt.Errorf("%w: message too large", ErrProtocol)
 	}
 	errStr := m.Err
 	if len(errStr) > 1024 {
 		errStr = errStr[:1024]
 	}
-	var h [headerLen]byte
 	binary.BigEndian.PutUint32(h[0:], wireMagic)
 	h[4] = byte(m.Type)
 	h[5] = m.Flags
@@ -151,23 +167,34 @@ func encodeMessage(w *bufio.Writer, m *Message) error {
 	binary.BigEndian.PutUint16(h[50:], uint16(len(m.From)))
 	binary.BigEndian.PutUint16(h[52:], uint16(len(errStr)))
 	binary.BigEndian.PutUint16(h[54:], uint16(len(m.Regions)))
-	binary.BigEndian.PutUint32(h[56-0:], uint32(len(m.Data)))
-	if _, err := w.Write(h[:]); err != nil {
-		return err
-	}
-	w.WriteString(m.Volume)
-	w.WriteString(m.From)
-	w.WriteString(errStr)
-	var b [8]byte
-	for _, r := range m.Regions {
-		binary.BigEndian.PutUint64(b[:], r)
-		w.Write(b[:])
-	}
-	_, err := w.Write(m.Data)
-	return err
+	binary.BigEndian.PutUint32(h[56:], uint32(len(m.Data)))
+	return h, errStr, nil
 }
 
-func decodeMessage(r *bufio.Reader) (Message, error) {
+// appendVariable appends the variable parts before the data: volume, from,
+// error string and regions.
+func appendVariable(b []byte, m *Message, errStr string) []byte {
+	b = append(b, m.Volume...)
+	b = append(b, m.From...)
+	b = append(b, errStr...)
+	for _, r := range m.Regions {
+		b = binary.BigEndian.AppendUint64(b, r)
+	}
+	return b
+}
+
+func decodeMessage(r *bufio.Reader) (Message, error) { return decodeMessageFrom(r, nil, nil) }
+
+// directReadMin is the unbuffered remainder of a payload from which it is
+// read straight from the connection into its own buffer rather than through
+// the bufio.Reader (which would copy every byte once more).
+const directReadMin = 32 << 10
+
+// decodeMessageFrom reads one message from r. raw, if not nil, is the
+// connection under r: large payloads are read from it directly once r's
+// buffered bytes are used up. alloc, if not nil, provides the payload
+// buffer (len n).
+func decodeMessageFrom(r *bufio.Reader, raw io.Reader, alloc func(n int) []byte) (Message, error) {
 	var h [headerLen]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return Message{}, err
@@ -214,8 +241,19 @@ func decodeMessage(r *bufio.Reader) (Message, error) {
 		}
 	}
 	if nd > 0 {
-		m.Data = make([]byte, nd)
-		if _, err := io.ReadFull(r, m.Data); err != nil {
+		if alloc != nil {
+			m.Data = alloc(int(nd))
+		} else {
+			m.Data = make([]byte, nd)
+		}
+		if raw != nil && int(nd)-r.Buffered() >= directReadMin {
+			b, _ := r.Peek(r.Buffered())
+			n := copy(m.Data, b)
+			r.Discard(n)
+			if _, err := io.ReadFull(raw, m.Data[n:]); err != nil {
+				return Message{}, err
+			}
+		} else if _, err := io.ReadFull(r, m.Data); err != nil {
 			return Message{}, err
 		}
 	}

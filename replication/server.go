@@ -39,6 +39,9 @@ type Server struct {
 	conns  map[net.Conn]string // conn → volume
 	closed bool
 	wg     sync.WaitGroup
+	// bufs recycles write payloads: a replica receives one buffer per
+	// write, and allocating (and zeroing) each showed up in profiles.
+	bufs bufPool
 }
 
 type replicaVol struct {
@@ -288,14 +291,19 @@ func (s *Server) serveConn(c net.Conn) {
 				if err != nil {
 					log.Error("replication: replica I/O failed", "op", m.Type.String(), "off", m.Off, "err", err)
 				}
-				send(v.core.Done(m, err, sum))
+				ack := v.core.Done(m, err, sum)
+				if m.Type == MsgWrite {
+					// Nothing holds the payload after the write.
+					s.bufs.put(m.Data)
+				}
+				send(ack)
 			}(io.Msg)
 		}
 		v.mu.Unlock()
 		for _, r := range rd.Send {
 			send(r)
 		}
-		m, err = decodeMessage(br)
+		m, err = decodeMessageFrom(br, c, s.bufs.get)
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				log.Debug("replication: connection ended", "err", err)
@@ -349,29 +357,4 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
-}
-
-// writeLoop encodes messages onto c, flushing whenever the queue drains so
-// pipelined messages share syscalls.
-func writeLoop(ctx context.Context, c net.Conn, out <-chan Message) {
-	bw := bufio.NewWriterSize(c, 256<<10)
-	for {
-		var m Message
-		select {
-		case m = <-out:
-		case <-ctx.Done():
-			bw.Flush()
-			return
-		}
-		if err := encodeMessage(bw, &m); err != nil {
-			c.Close()
-			return
-		}
-		if len(out) == 0 {
-			if err := bw.Flush(); err != nil {
-				c.Close()
-				return
-			}
-		}
-	}
 }

@@ -32,6 +32,9 @@ type VolumeConfig struct {
 	// ResyncRate limits resync and repair traffic in bytes per second;
 	// 0 means unlimited.
 	ResyncRate int64
+	// ResyncWindow is how many resync chunks (regions) may be in flight per
+	// replica; 0 means DefaultResyncWindow.
+	ResyncWindow int
 	// TickInterval is the logical clock period (default 100ms) and
 	// AckTimeoutTicks how many ticks a replica may leave a message
 	// unanswered before it is dropped from the ISR (default 50, i.e. 5s).
@@ -87,6 +90,13 @@ type Volume struct {
 	deleting bool
 }
 
+// DefaultResyncWindow is the Volume's default number of resync chunks in
+// flight per replica. With 4 the copy stalled on round trips through the
+// primary's event loop; 16 (16 MiB at the default region size) keeps the
+// read, network and replica-write stages busy at once. It only bounds
+// concurrency: ResyncRate still bounds the bandwidth.
+const DefaultResyncWindow = 16
+
 type peerLink struct {
 	id, addr string
 	mu       sync.Mutex
@@ -129,6 +139,9 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.ResyncWindow <= 0 {
+		cfg.ResyncWindow = DefaultResyncWindow
+	}
 	if cfg.Dial == nil {
 		d := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
 		cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
@@ -149,7 +162,7 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 		cfg.ALPrefetch = int(max(1, min((8<<20)/m.RegionSize, int64(m.Regions()/16))))
 	}
 	core, err := NewPrimary(PrimaryConfig{Self: cfg.Self, Peers: peers, NewGen: randomGen, AckTimeoutTicks: cfg.AckTimeoutTicks,
-		ALSlots: cfg.ALSlots, ALPrefetch: cfg.ALPrefetch},
+		ALSlots: cfg.ALSlots, ALPrefetch: cfg.ALPrefetch, ResyncWindow: cfg.ResyncWindow},
 		cfg.Local.Meta.Clone(), st)
 	if err != nil {
 		return nil, err

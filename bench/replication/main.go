@@ -26,6 +26,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 	"time"
 )
@@ -44,6 +45,8 @@ type options struct {
 	certs    string
 	tls      bool
 	out      string
+	rows     string // comma-separated subset of rows to run (default: all)
+	cpuprof  string // write CPU profiles of both children to PREFIX.{primary,replica}.pprof
 }
 
 func main() {
@@ -56,6 +59,8 @@ func main() {
 	flag.StringVar(&o.dir, "dir", "", "directory for backing files (default: a new directory in /dev/shm)")
 	flag.BoolVar(&o.tls, "tls", true, "also measure 2 replicas over TLS")
 	flag.StringVar(&o.out, "out", "bench/out/replication.json", "where the runs are written as JSON (empty: nowhere)")
+	flag.StringVar(&o.rows, "rows", "", "comma-separated rows to run: iops,lat,seq,resync (default all)")
+	flag.StringVar(&o.cpuprof, "cpuprofile", "", "write CPU profiles of the primary and replica processes to PREFIX.primary.pprof and PREFIX.replica.pprof")
 	flag.StringVar(&o.listen, "listen", "", "internal")
 	flag.StringVar(&o.tlsAddr, "tls-listen", "", "internal")
 	flag.StringVar(&o.ctlAddr, "ctl", "", "internal")
@@ -64,6 +69,14 @@ func main() {
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", roleName(o.role))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	stopProf := func() {}
+	if o.cpuprof != "" && o.role != "" {
+		var err error
+		if stopProf, err = startProfile(o.cpuprof + "." + o.role + ".pprof"); err != nil {
+			log.Error("bench/replication: cpu profile", "err", err)
+			os.Exit(1)
+		}
+	}
 	var err error
 	switch o.role {
 	case "":
@@ -76,10 +89,23 @@ func main() {
 		err = fmt.Errorf("bench/replication: unknown role %q", o.role)
 	}
 	stop()
+	stopProf()
 	if err != nil {
 		log.Error("bench/replication failed", "err", err)
 		os.Exit(1)
 	}
+}
+
+func startProfile(path string) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 func roleName(r string) string {

@@ -207,8 +207,16 @@ func coordinate(ctx context.Context, log *slog.Logger, o options) error {
 	}
 	log.Info("namespaces ready", "primary", ns.prim, "replica", ns.repl, "data", data)
 
-	rep, err := startChild(ns.repl, os.Stdout, "-role", "replica", "-dir", filepath.Join(data, "replica"), "-certs", certs,
-		"-listen", replicaIP+":"+replPort, "-tls-listen", replicaIP+":"+tlsPort, "-ctl", replicaIP+":"+ctlPort)
+	rargs := []string{"-role", "replica", "-dir", filepath.Join(data, "replica"), "-certs", certs,
+		"-listen", replicaIP + ":" + replPort, "-tls-listen", replicaIP + ":" + tlsPort, "-ctl", replicaIP + ":" + ctlPort}
+	if o.cpuprof != "" {
+		prof, err := filepath.Abs(o.cpuprof)
+		if err != nil {
+			return fmt.Errorf("bench/replication: %w", err)
+		}
+		rargs = append(rargs, "-cpuprofile", prof)
+	}
+	rep, err := startChild(ns.repl, os.Stdout, rargs...)
 	if err != nil {
 		return err
 	}
@@ -225,7 +233,14 @@ func coordinate(ctx context.Context, log *slog.Logger, o options) error {
 	args := []string{"-role", "primary", "-dir", filepath.Join(data, "primary"), "-certs", certs,
 		"-replica", replicaIP, "-repeats", strconv.Itoa(o.repeats), "-duration", o.duration.String(),
 		"-size-mib", strconv.FormatInt(o.sizeMiB, 10), "-qd", strconv.Itoa(o.qd), "-tls=" + strconv.FormatBool(o.tls),
-		"-out", out}
+		"-out", out, "-rows", o.rows}
+	if o.cpuprof != "" {
+		prof, err := filepath.Abs(o.cpuprof)
+		if err != nil {
+			return fmt.Errorf("bench/replication: %w", err)
+		}
+		args = append(args, "-cpuprofile", prof)
+	}
 	prim, err := startChild(ns.prim, os.Stdout, args...)
 	if err != nil {
 		return err

@@ -65,6 +65,9 @@ func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
 	// interleaved and the order reversed every repeat, so slow drifts in
 	// the machine's load hit every configuration alike.
 	for _, row := range []string{rowIOPS, rowLat, rowSeq} {
+		if !o.wantRow(row) {
+			continue
+		}
 		for rep := 0; rep < o.repeats; rep++ {
 			if row == rowLat {
 				// The network's own round trip, measured next to the
@@ -88,7 +91,7 @@ func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
 			}
 		}
 	}
-	for rep := 0; rep < o.repeats; rep++ {
+	for rep := 0; rep < o.repeats && o.wantRow(rowResync); rep++ {
 		for _, c := range interleave(configs[1:], rep) {
 			r, err := p.resync(ctx, c)
 			if err != nil {
@@ -102,6 +105,16 @@ func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
 	rec.wall = time.Since(start)
 	rec.print(os.Stdout)
 	return rec.write(o.out)
+}
+
+// wantRow reports whether -rows selects row (short names: iops, lat, seq,
+// resync).
+func (o options) wantRow(row string) bool {
+	if o.rows == "" {
+		return true
+	}
+	short := map[string]string{rowIOPS: "iops", rowLat: "lat", rowSeq: "seq", rowResync: "resync"}[row]
+	return slices.Contains(strings.Split(o.rows, ","), short)
 }
 
 func interleave(cs []config, rep int) []config {
