@@ -1,0 +1,127 @@
+package webui
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hasan-storage/hasan/cluster"
+)
+
+// newClusterNode bootstraps a one-node cluster over loopback TLS with its
+// stores in a temp dir, as cluster's own tests do.
+func newClusterNode(t *testing.T) *cluster.Node {
+	t.Helper()
+	now := time.Now()
+	ca, err := cluster.NewCA("webui-test", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, key, err := ca.Issue("n1", now, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsCfg, err := cluster.TLSConfig(ca.CertPEM, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := cluster.NewNode(cluster.NodeConfig{ID: "n1", Role: cluster.RoleStorage, DataDir: t.TempDir(),
+		BindAddr: "127.0.0.1:0", TLS: tlsCfg, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.Bootstrap(ctx, cluster.NodeInfo{APIAddr: "127.0.0.1:8080"}); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestNodeServiceEndToEnd(t *testing.T) {
+	n := newClusterNode(t)
+	s := newTestServer(t, NewNodeService(n), Config{})
+	h := s.Handler()
+	must := func(method, path, body string, status int) string {
+		t.Helper()
+		w := do(t, h, method, path, body)
+		if w.Code != status {
+			t.Fatalf("%s %s: %d, want %d: %s", method, path, w.Code, status, w.Body)
+		}
+		return w.Body.String()
+	}
+
+	var st Status
+	mustJSON(t, must("GET", "/api/v1/cluster", "", 200), &st)
+	if st.NodeID != "n1" || st.RaftState != "Leader" || st.LeaderID != "n1" || st.LeaderAPI != "127.0.0.1:8080" || st.Nodes["online"] != 1 {
+		t.Fatalf("status %+v", st)
+	}
+
+	var v cluster.Volume
+	mustJSON(t, must("POST", "/api/v1/volumes", `{"name":"db","size":8388608,"replicas":["n1"]}`, 201), &v)
+	if v.UUID == "" || v.Primary != "n1" || v.Epoch != 1 || v.BlockSize != 512 {
+		t.Fatalf("volume %+v", v)
+	}
+	var got cluster.Volume
+	mustJSON(t, must("GET", "/api/v1/volumes/"+v.UUID, "", 200), &got)
+	if got.Name != "db" || got.Size != 8388608 {
+		t.Fatalf("read back %+v", got)
+	}
+	// The cluster's own validation comes back as 400 / 404.
+	must("POST", "/api/v1/volumes", `{"name":"bad","size":1000,"replicas":["n1"]}`, 400)
+	must("POST", "/api/v1/volumes", `{"name":"x","size":4096,"replicas":["ghost"]}`, 404)
+
+	const iqn = "iqn.2026-11.io.hasan:web"
+	must("POST", "/api/v1/targets", `{"iqn":"`+iqn+`","chap":{"user":"alice","secret":"real-secret-0001"}}`, 201)
+	must("POST", "/api/v1/targets", `{"iqn":"`+iqn+`"}`, 409)
+	must("PUT", "/api/v1/targets/"+iqn+"/luns/0", `{"volume":"`+v.UUID+`"}`, 204)
+	must("PUT", "/api/v1/targets/"+iqn+"/acl", `{"initiators":["iqn.1993-08.org.debian:01:abc"]}`, 204)
+	must("PUT", "/api/v1/targets/"+iqn+"/chap", `{"chap":{"user":"alice","secret":"short"}}`, 400)
+
+	body := must("GET", "/api/v1/targets/"+iqn, "", 200)
+	if strings.Contains(body, "real-secret-0001") {
+		t.Fatalf("secret returned: %s", body)
+	}
+	var tv targetView
+	mustJSON(t, body, &tv)
+	if tv.LUNs[0] != v.UUID || len(tv.ACL) != 1 || tv.CHAP == nil || tv.CHAP.User != "alice" || !tv.CHAP.SecretSet {
+		t.Fatalf("target %+v", tv)
+	}
+	// The secret is kept by the cluster, only hidden from the API.
+	ct, err := NewNodeService(n).Target(context.Background(), iqn)
+	if err != nil || ct.CHAP.Secret.Reveal() != "real-secret-0001" {
+		t.Fatalf("stored chap %v %v", ct.CHAP, err)
+	}
+
+	must("DELETE", "/api/v1/volumes/"+v.UUID, "", 409) // exported
+	must("POST", "/api/v1/groups", `{"name":"g1","vips":["192.0.2.10/24"],"targets":["`+iqn+`"]}`, 201)
+	must("POST", "/api/v1/groups/g1/move", `{"to":"nobody"}`, 404)
+	must("DELETE", "/api/v1/targets/"+iqn, "", 409) // in a group
+	must("PUT", "/api/v1/nodes/n1/state", `{"state":"standby"}`, 204)
+	var nd cluster.NodeInfo
+	mustJSON(t, must("GET", "/api/v1/nodes/n1", "", 200), &nd)
+	if nd.State != cluster.NodeStandby {
+		t.Fatalf("node %+v", nd)
+	}
+	must("PUT", "/api/v1/cluster/maintenance", `{"on":true}`, 204)
+
+	var evs []cluster.Event
+	mustJSON(t, must("GET", "/api/v1/events?limit=50", "", 200), &evs)
+	if len(evs) == 0 {
+		t.Fatal("no events after state changes")
+	}
+	for i := 1; i < len(evs); i++ {
+		if evs[i].Seq >= evs[i-1].Seq {
+			t.Fatalf("events not newest first: %+v", evs)
+		}
+	}
+	if raw := must("GET", "/api/v1/fence-history", "", 200); strings.TrimSpace(raw) != "[]" {
+		t.Errorf("fence history %s", raw)
+	}
+	w := do(t, h, "GET", "/metrics", "")
+	if !strings.Contains(w.Body.String(), `hasan_volumes 1`) || !strings.Contains(w.Body.String(), `hasan_raft_state{state="Leader"} 1`) {
+		t.Errorf("metrics:\n%s", w.Body)
+	}
+}

@@ -1,0 +1,132 @@
+package webui
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/hasan-storage/hasan/cluster"
+	"github.com/hasan-storage/hasan/fencing"
+)
+
+// Service is everything the REST API needs from the control plane. Handlers
+// only bind a request, call one method and render the result or the error,
+// so tests can drive the whole HTTP surface with a fake.
+//
+// Errors: methods return the cluster sentinels (cluster.ErrNotFound,
+// cluster.ErrInvalid, cluster.ErrNotLeader, ...) possibly wrapped, a
+// *ValidationError naming the bad field, or a *NotLeaderError. The one
+// error table in errors.go turns them into HTTP statuses.
+//
+// Reads may be served from the local replica of the state, which on a
+// follower can lag the leader by a few milliseconds; writes are committed
+// through Raft before they return.
+type Service interface {
+	Status(ctx context.Context) (Status, error)
+
+	Nodes(ctx context.Context) ([]cluster.NodeInfo, error)
+	Node(ctx context.Context, id string) (cluster.NodeInfo, error)
+	// SetNodeState sets online, standby or maintenance (fenced is only set
+	// by a takeover; online clears it).
+	SetNodeState(ctx context.Context, id string, state cluster.NodeState) error
+	SetMaintenance(ctx context.Context, on bool) error
+
+	Volumes(ctx context.Context) ([]cluster.Volume, error)
+	Volume(ctx context.Context, uuid string) (cluster.Volume, error)
+	CreateVolume(ctx context.Context, spec VolumeSpec) (cluster.Volume, error)
+	DeleteVolume(ctx context.Context, uuid string) error
+
+	Targets(ctx context.Context) ([]cluster.Target, error)
+	Target(ctx context.Context, iqn string) (cluster.Target, error)
+	// CreateTarget refuses an IQN that exists (cluster.ErrExists).
+	CreateTarget(ctx context.Context, t cluster.Target) error
+	DeleteTarget(ctx context.Context, iqn string) error
+	AddLUN(ctx context.Context, iqn string, lun uint64, volume string) error
+	RemoveLUN(ctx context.Context, iqn string, lun uint64) error
+	SetACL(ctx context.Context, iqn string, initiators []string) error
+	// SetCHAP replaces both accounts; nil clears one.
+	SetCHAP(ctx context.Context, iqn string, chap, mutual *cluster.CHAP) error
+
+	Groups(ctx context.Context) ([]cluster.Group, error)
+	Group(ctx context.Context, name string) (cluster.Group, error)
+	// CreateGroup refuses a name that exists (cluster.ErrExists).
+	CreateGroup(ctx context.Context, g cluster.Group) error
+	// MoveGroup starts a planned move; the owner drains and releases, then
+	// the controller grants the group to node.
+	MoveGroup(ctx context.Context, group, node string) error
+
+	// FenceHistory returns the newest records first; node "" means all,
+	// limit <= 0 means no limit.
+	FenceHistory(ctx context.Context, node string, limit int) ([]fencing.Record, error)
+	// Events returns the newest events first; limit <= 0 means no limit.
+	Events(ctx context.Context, limit int) ([]cluster.Event, error)
+}
+
+// Status is the cluster summary behind GET /api/v1/cluster and /metrics.
+type Status struct {
+	// NodeID is the node answering; RaftState its raft role (Leader,
+	// Follower, Candidate, Shutdown).
+	NodeID    string `json:"node_id"`
+	RaftState string `json:"raft_state"`
+	LeaderID  string `json:"leader_id,omitempty"`
+	// LeaderAPI is the leader's REST address when the state records it.
+	LeaderAPI   string         `json:"leader_api,omitempty"`
+	Maintenance bool           `json:"maintenance"`
+	Index       uint64         `json:"applied_index"`
+	Nodes       map[string]int `json:"nodes_by_state"`
+	Volumes     int            `json:"volumes"`
+	Targets     int            `json:"targets"`
+	Groups      []GroupStatus  `json:"groups"`
+}
+
+// GroupStatus is one group's ownership.
+type GroupStatus struct {
+	Name     string `json:"name"`
+	Owner    string `json:"owner,omitempty"`
+	Epoch    uint64 `json:"epoch"`
+	MovingTo string `json:"moving_to,omitempty"`
+}
+
+// VolumeSpec is what an operator gives to create a volume. UUID is chosen
+// by the service when empty; BlockSize defaults to 512; Primary defaults to
+// the first replica.
+type VolumeSpec struct {
+	UUID      string   `json:"uuid,omitempty"`
+	Name      string   `json:"name"`
+	Size      int64    `json:"size"`
+	BlockSize uint32   `json:"block_size,omitempty"`
+	Thin      bool     `json:"thin,omitempty"`
+	Replicas  []string `json:"replicas"`
+	Primary   string   `json:"primary,omitempty"`
+}
+
+// ValidationError is a request the API refuses before it reaches the
+// cluster; Field names the offending JSON field or path parameter.
+type ValidationError struct {
+	Field, Msg string
+}
+
+func (e *ValidationError) Error() string { return fmt.Sprintf("webui: %s: %s", e.Field, e.Msg) }
+
+func invalid(field, format string, args ...any) error {
+	return &ValidationError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// NotLeaderError is cluster.ErrNotLeader with the leader's API address when
+// one is known, so the client can retry there.
+type NotLeaderError struct {
+	LeaderAPI string
+	Err       error
+}
+
+func (e *NotLeaderError) Error() string {
+	if e.Err != nil {
+		return e.Err.Error()
+	}
+	return cluster.ErrNotLeader.Error()
+}
+
+// Unwrap keeps errors.Is(err, cluster.ErrNotLeader) true.
+func (e *NotLeaderError) Unwrap() []error { return []error{cluster.ErrNotLeader, e.Err} }
+
+// errNoSuch builds a not-found error the table maps to 404.
+func errNoSuch(what, id string) error { return fmt.Errorf("%w: %s %s", cluster.ErrNotFound, what, id) }
