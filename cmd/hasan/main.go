@@ -42,7 +42,7 @@ func newRootCmd() *cobra.Command {
 		slog.SetDefault(slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: lvl})))
 		return nil
 	}
-	root.AddCommand(newTargetCmd(), newDemoCmd(), newFenceCmd())
+	root.AddCommand(newTargetCmd(), newDemoCmd(), newFenceCmd(), newServeCmd(), newClusterCmd())
 	return root
 }
 

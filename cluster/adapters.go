@@ -1,0 +1,459 @@
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/hasan-storage/hasan/replication"
+	"github.com/hasan-storage/hasan/target"
+	"github.com/hasan-storage/hasan/target/scsi"
+	"github.com/hasan-storage/hasan/vip"
+)
+
+// The real implementations of the agent's LocalVIPs, LocalTargets and
+// LocalReplicas. Each is safe for concurrent use: the agent's reconcile
+// loop and the lease's Demote may call at the same time.
+
+// VIPManager is what VIPAdapter needs from vip.Manager (tests use a fake:
+// the real one needs CAP_NET_ADMIN and a link).
+type VIPManager interface {
+	Acquire(ctx context.Context, v vip.VIP) error
+	Release(ctx context.Context, v vip.VIP) error
+	Tickle(ctx context.Context, conns []vip.TCPConn) error
+}
+
+var _ VIPManager = (*vip.Manager)(nil)
+
+// VIPAdapter implements LocalVIPs on a vip.Manager: every floating
+// address goes on one link.
+type VIPAdapter struct {
+	Manager VIPManager
+	Link    string
+	Label   string // "" means vip.DefaultLabel
+	// Conns, if set, returns the initiator connections known for a VIP so
+	// a new owner can tickle them (vip/'s tickle ACK). The cluster state
+	// does not record connections yet, so serve leaves it nil.
+	Conns  func(addr netip.Prefix) []vip.TCPConn
+	Logger *slog.Logger
+
+	mu   sync.Mutex
+	held map[netip.Prefix]bool
+}
+
+var _ LocalVIPs = (*VIPAdapter)(nil)
+
+func (a *VIPAdapter) vip(p netip.Prefix) vip.VIP {
+	return vip.VIP{Addr: p, Link: a.Link, Label: a.Label}
+}
+
+// Acquire adds the address (probe, add, announce) and then tickles the
+// connections recorded for it. A failed tickle is logged, not returned:
+// the address is held and initiators still recover through their own
+// timeouts.
+func (a *VIPAdapter) Acquire(ctx context.Context, p netip.Prefix) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.Manager.Acquire(ctx, a.vip(p)); err != nil {
+		return fmt.Errorf("cluster: acquire vip %s: %w", p, err)
+	}
+	if a.held == nil {
+		a.held = map[netip.Prefix]bool{}
+	}
+	a.held[p] = true
+	if a.Conns != nil {
+		if conns := a.Conns(p); len(conns) > 0 {
+			if err := a.Manager.Tickle(ctx, conns); err != nil {
+				logOr(a.Logger).Warn("cluster: tickle after acquire", "vip", p, "conns", len(conns), "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+// Release removes the address. On failure it stays in Held so the next
+// pass (or Demote) tries again.
+func (a *VIPAdapter) Release(ctx context.Context, p netip.Prefix) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.Manager.Release(ctx, a.vip(p)); err != nil {
+		return fmt.Errorf("cluster: release vip %s: %w", p, err)
+	}
+	delete(a.held, p)
+	return nil
+}
+
+// Held lists the addresses acquired and not released, sorted.
+func (a *VIPAdapter) Held() []netip.Prefix {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := slices.Collect(maps.Keys(a.held))
+	slices.SortFunc(out, func(x, y netip.Prefix) int { return strings.Compare(x.String(), y.String()) })
+	return out
+}
+
+// ReplicaAdapter implements LocalReplicas: a primary is a
+// replication.Volume opened with the committed epoch (through Membership on
+// the cluster state); a secondary is a Local registered with the node's
+// replica Server.
+type ReplicaAdapter struct {
+	Self string
+	// Dir holds the replicas' files (<uuid>.img, .meta, .al).
+	Dir    string
+	Server *replication.Server
+	// TLS is the client configuration for primaries dialling replicas
+	// (the cluster's mutual-TLS configuration does).
+	TLS *tls.Config
+	FSM *FSM
+	P   Proposer
+	// Volume tunes OpenVolume (tick, ack timeout, resync rate); Self,
+	// Peers, Local, Membership, TLS and Logger are set here.
+	Volume replication.VolumeConfig
+	Logger *slog.Logger
+
+	mu   sync.Mutex
+	open map[string]*openReplica
+}
+
+type openReplica struct {
+	primary bool
+	vol     *replication.Volume // primary only
+	epoch   uint64
+}
+
+var _ LocalReplicas = (*ReplicaAdapter)(nil)
+
+// Open opens v's local replica. A replica that is new on this node starts
+// with generation 0 (unknown contents), so its first primary gives it a full
+// sync: the state does not yet carry a creation generation that would
+// prove a brand-new replica all zeros.
+func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.open == nil {
+		a.open = map[string]*openReplica{}
+	}
+	cur := a.open[v.UUID]
+	if cur != nil && cur.primary == primary {
+		return nil
+	}
+	var (
+		local *replication.Local
+		err   error
+	)
+	switch {
+	case cur != nil && cur.primary: // demoted to secondary
+		if err := cur.vol.Close(); err != nil {
+			logOr(a.Logger).Warn("cluster: close primary", "volume", v.UUID, "err", err)
+		}
+		delete(a.open, v.UUID)
+	case cur != nil: // promoted: take the replica back from the server
+		local, err = a.Server.RemoveVolume(v.UUID)
+		delete(a.open, v.UUID)
+		if err != nil {
+			return fmt.Errorf("cluster: promote %s: %w", v.UUID, err)
+		}
+	}
+	if local == nil {
+		local, err = replication.OpenLocal(replication.LocalOptions{Dir: a.Dir, Volume: v.UUID, Size: v.Size})
+		if err != nil {
+			return fmt.Errorf("cluster: open replica %s: %w", v.UUID, err)
+		}
+	}
+	if !primary {
+		if err := a.Server.AddVolume(local); err != nil {
+			local.Close()
+			return fmt.Errorf("cluster: serve replica %s: %w", v.UUID, err)
+		}
+		a.open[v.UUID] = &openReplica{epoch: v.Epoch}
+		return nil
+	}
+	cfg := a.Volume
+	cfg.Self, cfg.Local, cfg.TLS = a.Self, local, a.TLS
+	cfg.Membership = &Membership{P: a.P, FSM: a.FSM}
+	cfg.Logger = logOr(a.Logger)
+	if cfg.OnUnhealthy == nil {
+		// The local disk failed under a primary. Moving the group is not
+		// automated yet: raise an alert so an operator moves it.
+		uuid, self, p, log := v.UUID, a.Self, a.P, logOr(a.Logger)
+		cfg.OnUnhealthy = func(err error) {
+			log.Error("cluster: primary disk failed", "volume", uuid, "err", err)
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), DefaultProposeTimeout)
+				defer cancel()
+				_, _ = p.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{
+					Severity: SeverityAlert, Kind: "disk-failed", Node: self,
+					Message: fmt.Sprintf("local disk of primary %s failed: %v", uuid, err)}}})
+			}()
+		}
+	}
+	cfg.Peers = map[string]string{}
+	a.FSM.Read(func(s *State) {
+		for _, r := range v.Replicas {
+			if r == a.Self {
+				continue
+			}
+			// A peer without a data address is dialled at "" and fails:
+			// it is treated like any unreachable replica.
+			if n, ok := s.Nodes[r]; ok {
+				cfg.Peers[r] = n.DataAddr
+			} else {
+				cfg.Peers[r] = ""
+			}
+		}
+	})
+	vol, err := replication.OpenVolume(ctx, cfg)
+	if err != nil {
+		local.Close()
+		return fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
+	}
+	a.open[v.UUID] = &openReplica{primary: true, vol: vol, epoch: v.Epoch}
+	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers))
+	return nil
+}
+
+// Close closes a primary (pending requests fail with ErrClosed) or stops
+// serving a secondary.
+func (a *ReplicaAdapter) Close(ctx context.Context, uuid string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	cur := a.open[uuid]
+	if cur == nil {
+		return nil
+	}
+	delete(a.open, uuid)
+	if cur.primary {
+		if err := cur.vol.Close(); err != nil {
+			return fmt.Errorf("cluster: close primary %s: %w", uuid, err)
+		}
+		return nil
+	}
+	l, err := a.Server.RemoveVolume(uuid)
+	if err != nil {
+		return fmt.Errorf("cluster: stop replica %s: %w", uuid, err)
+	}
+	return l.Close()
+}
+
+// Opened maps open volumes to "is primary".
+func (a *ReplicaAdapter) Opened() map[string]bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]bool, len(a.open))
+	for k, o := range a.open {
+		out[k] = o.primary
+	}
+	return out
+}
+
+// Primary returns the open primary of a volume and the epoch it was
+// opened at, or nil.
+func (a *ReplicaAdapter) Primary(uuid string) (*replication.Volume, uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if o := a.open[uuid]; o != nil && o.primary {
+		return o.vol, o.epoch
+	}
+	return nil, 0
+}
+
+// CloseAll closes every replica (node shutdown).
+func (a *ReplicaAdapter) CloseAll(ctx context.Context) error {
+	var errs []error
+	for uuid := range a.Opened() {
+		errs = append(errs, a.Close(ctx, uuid))
+	}
+	return errors.Join(errs...)
+}
+
+// TargetAdapter implements LocalTargets on a target.Server. Each LUN is a
+// scsi.LogicalUnit over the volume's open primary, identified by the
+// volume UUID and keeping its persistent reservations in the cluster
+// state (loaded when the LU is built, that is on acquire).
+type TargetAdapter struct {
+	Server   *target.Server
+	Replicas interface {
+		Primary(uuid string) (*replication.Volume, uint64)
+	}
+	FSM *FSM
+	P   Proposer
+	// PortGroups are the ALUA target port groups of every LU; nil is one
+	// active/optimized group holding relative port 1 (the only port the
+	// target numbers). Only the owner exports a LUN, so its one path is
+	// always active.
+	PortGroups []scsi.PortGroup
+	Logger     *slog.Logger
+
+	mu      sync.Mutex
+	serving map[string]*servedTarget
+}
+
+type servedTarget struct {
+	cfg  target.TargetConfig
+	luns map[uint64]servedLUN
+}
+
+type servedLUN struct {
+	uuid  string
+	vol   *replication.Volume
+	epoch uint64
+}
+
+var _ LocalTargets = (*TargetAdapter)(nil)
+
+// VolumeID turns a volume UUID (8-4-4-4-12 lower-case hex) into the LU's
+// 16-byte identity.
+func VolumeID(uuid string) ([16]byte, error) {
+	var id [16]byte
+	b, err := hex.DecodeString(strings.ReplaceAll(uuid, "-", ""))
+	if err != nil || len(b) != 16 {
+		return id, fmt.Errorf("cluster: volume uuid %q: %w", uuid, ErrInvalid)
+	}
+	copy(id[:], b)
+	return id, nil
+}
+
+func targetConfig(t Target) target.TargetConfig {
+	tc := target.TargetConfig{Name: strings.ToLower(t.IQN), Alias: t.Alias, AllowedInitiators: slices.Clone(t.ACL)}
+	if t.CHAP != nil {
+		tc.CHAP = &target.CHAP{User: t.CHAP.User, Secret: t.CHAP.Secret.Reveal()}
+	}
+	if t.MutualCHAP != nil {
+		tc.MutualCHAP = &target.CHAP{User: t.MutualCHAP.User, Secret: t.MutualCHAP.Secret.Reveal()}
+	}
+	return tc
+}
+
+func sameTargetConfig(a, b target.TargetConfig) bool {
+	eqCHAP := func(x, y *target.CHAP) bool {
+		return (x == nil) == (y == nil) && (x == nil || *x == *y)
+	}
+	return a.Name == b.Name && a.Alias == b.Alias && slices.Equal(a.AllowedInitiators, b.AllowedInitiators) &&
+		eqCHAP(a.CHAP, b.CHAP) && eqCHAP(a.MutualCHAP, b.MutualCHAP)
+}
+
+// Serve exports t, or brings an exported t in line: changed CHAP/ACL are
+// applied to new logins, LUNs no longer listed are removed (waiting for
+// their commands), LUNs whose primary was reopened are rebuilt. A LUN
+// whose volume is not open as primary here is not exported, and the error
+// says so; the others are.
+func (a *TargetAdapter) Serve(ctx context.Context, t Target, _ []Volume) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.serving == nil {
+		a.serving = map[string]*servedTarget{}
+	}
+	tc := targetConfig(t)
+	cur := a.serving[tc.Name]
+	if cur == nil {
+		if err := a.Server.AddTarget(tc); err != nil {
+			return fmt.Errorf("cluster: serve %s: %w", tc.Name, err)
+		}
+		cur = &servedTarget{cfg: tc, luns: map[uint64]servedLUN{}}
+		a.serving[tc.Name] = cur
+		logOr(a.Logger).Info("cluster: target exported", "target", tc.Name)
+	} else if !sameTargetConfig(cur.cfg, tc) {
+		if err := a.Server.UpdateTarget(tc); err != nil {
+			return fmt.Errorf("cluster: update %s: %w", tc.Name, err)
+		}
+		cur.cfg = tc
+	}
+	var errs []error
+	for _, lun := range slices.Sorted(maps.Keys(cur.luns)) {
+		have := cur.luns[lun]
+		vol, epoch := a.Replicas.Primary(have.uuid)
+		if t.LUNs[lun] == have.uuid && vol == have.vol && epoch == have.epoch {
+			continue
+		}
+		if err := a.Server.RemoveLUN(ctx, tc.Name, lun); err != nil && !errors.Is(err, target.ErrLUNNotFound) {
+			errs = append(errs, fmt.Errorf("cluster: %s lun %d: %w", tc.Name, lun, err))
+			continue
+		}
+		delete(cur.luns, lun)
+	}
+	for _, lun := range slices.Sorted(maps.Keys(t.LUNs)) {
+		if _, ok := cur.luns[lun]; ok {
+			continue
+		}
+		uuid := t.LUNs[lun]
+		if err := a.addLUN(tc.Name, lun, uuid, cur); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (a *TargetAdapter) addLUN(name string, lun uint64, uuid string, cur *servedTarget) error {
+	vol, epoch := a.Replicas.Primary(uuid)
+	if vol == nil {
+		return fmt.Errorf("cluster: %s lun %d: volume %s is not open as primary here", name, lun, uuid)
+	}
+	var v *Volume
+	a.FSM.Read(func(s *State) {
+		if x, ok := s.Volumes[uuid]; ok {
+			v = x.clone()
+		}
+	})
+	if v == nil {
+		return fmt.Errorf("cluster: %s lun %d: %w: volume %s", name, lun, ErrNotFound, uuid)
+	}
+	id, err := VolumeID(uuid)
+	if err != nil {
+		return err
+	}
+	lu, err := scsi.New(scsi.Config{
+		VolumeID: id, BlockSize: v.BlockSize, Thin: v.Thin, Backend: vol,
+		PR:         &PRStore{P: a.P, FSM: a.FSM, Volume: uuid},
+		PortGroups: a.PortGroups,
+		Logger:     logOr(a.Logger).With("volume", uuid),
+	})
+	if err != nil {
+		return fmt.Errorf("cluster: %s lun %d: %w", name, lun, err)
+	}
+	if err := a.Server.AddLUN(name, lun, lu); err != nil {
+		return fmt.Errorf("cluster: %s lun %d: %w", name, lun, err)
+	}
+	cur.luns[lun] = servedLUN{uuid: uuid, vol: vol, epoch: epoch}
+	return nil
+}
+
+// Stop removes the target: its sessions are closed and it returns once no
+// command can reach its LUNs (or ctx ends).
+func (a *TargetAdapter) Stop(ctx context.Context, iqn string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	name := strings.ToLower(iqn)
+	if _, ok := a.serving[name]; !ok {
+		return nil
+	}
+	err := a.Server.RemoveTarget(ctx, name)
+	if err != nil && !errors.Is(err, target.ErrTargetNotFound) {
+		// Keep it listed: the next pass or Demote tries again.
+		return fmt.Errorf("cluster: stop %s: %w", name, err)
+	}
+	delete(a.serving, name)
+	logOr(a.Logger).Info("cluster: target stopped", "target", name)
+	return nil
+}
+
+// Serving lists the exported targets.
+func (a *TargetAdapter) Serving() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Sorted(maps.Keys(a.serving))
+}
+
+func logOr(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}

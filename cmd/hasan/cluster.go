@@ -1,0 +1,437 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hasan-storage/hasan/cluster"
+)
+
+// Files under data_dir/tls. ca.key exists only on the node that ran
+// `cluster init` (and wherever the operator copies it).
+const (
+	caCertFile   = "ca.crt"
+	caKeyFile    = "ca.key"
+	nodeCertFile = "node.crt"
+	nodeKeyFile  = "node.key"
+)
+
+func loadNodeTLS(cfg *serveConfig) (*tls.Config, error) {
+	dir := cfg.tlsDir()
+	read := func(name string) ([]byte, error) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("hasan: %w (run `hasan cluster init`, or install this node's certificate from `hasan cluster cert`)", err)
+		}
+		return b, nil
+	}
+	ca, err := read(caCertFile)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := read(nodeCertFile)
+	if err != nil {
+		return nil, err
+	}
+	key, err := read(nodeKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	return cluster.TLSConfig(ca, cert, key)
+}
+
+func writeFiles(dir string, files map[string][]byte) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+const nodeCertValidity = 5 * 365 * 24 * time.Hour
+
+func newClusterCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "cluster", Short: "create, join and inspect the cluster"}
+	cmd.AddCommand(newClusterInitCmd(), newClusterCertCmd(), newClusterTokenCmd(), newClusterJoinCmd(), newClusterStatusCmd())
+	return cmd
+}
+
+func newClusterInitCmd() *cobra.Command {
+	var config, name string
+	c := &cobra.Command{
+		Use:   "init",
+		Short: "create the cluster CA and this node's certificate, and bootstrap a one-node cluster",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			if err := clusterInit(cmd.Context(), cfg, name); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "cluster %q created with node %s; start it with `hasan serve --config %s`\n", name, cfg.Node, config)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of this node")
+	c.Flags().StringVar(&name, "name", "hasan", "cluster name (in the CA certificate)")
+	return c
+}
+
+// clusterInit refuses to run twice: a second CA would split the cluster.
+func clusterInit(ctx context.Context, cfg *serveConfig, name string) error {
+	if cfg.Role != string(cluster.RoleStorage) {
+		return errors.New("hasan: cluster init runs on a storage node")
+	}
+	for _, p := range []string{filepath.Join(cfg.tlsDir(), caCertFile), filepath.Join(cfg.raftDir(), "raft.db")} {
+		if _, err := os.Stat(p); err == nil {
+			return fmt.Errorf("hasan: %s exists: this node is already initialised", p)
+		}
+	}
+	now := time.Now()
+	ca, err := cluster.NewCA(name, now)
+	if err != nil {
+		return err
+	}
+	cert, key, err := ca.Issue(cfg.Node, now, nodeCertValidity)
+	if err != nil {
+		return err
+	}
+	if err := writeFiles(cfg.tlsDir(), map[string][]byte{caCertFile: ca.CertPEM, caKeyFile: ca.KeyPEM, nodeCertFile: cert, nodeKeyFile: key}); err != nil {
+		return fmt.Errorf("hasan: %w", err)
+	}
+	tlsCfg, err := cluster.TLSConfig(ca.CertPEM, cert, key)
+	if err != nil {
+		return err
+	}
+	node, err := cluster.NewNode(cluster.NodeConfig{ID: cfg.Node, Role: cluster.Role(cfg.Role), DataDir: cfg.raftDir(),
+		BindAddr: cfg.ClusterListen, AdvertiseAddr: cfg.ClusterAdvertise, TLS: tlsCfg})
+	if err != nil {
+		return err
+	}
+	defer node.Close()
+	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return node.Bootstrap(bctx, cfg.nodeInfo())
+}
+
+func newClusterCertCmd() *cobra.Command {
+	var config, id, out string
+	c := &cobra.Command{
+		Use:   "cert",
+		Short: "issue a certificate for a new node from the CA kept by the init node (copy --out to the new node's data_dir/tls)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			if err := issueNodeCert(cfg, id, out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "certificate for %s written to %s\n", id, out)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "configuration of the node holding the CA key")
+	c.Flags().StringVar(&id, "node", "", "id of the new node")
+	c.Flags().StringVar(&out, "out", "", "directory to write ca.crt, node.crt and node.key to")
+	_ = c.MarkFlagRequired("node")
+	_ = c.MarkFlagRequired("out")
+	return c
+}
+
+func issueNodeCert(cfg *serveConfig, id, out string) error {
+	certPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caCertFile))
+	if err != nil {
+		return fmt.Errorf("hasan: %w", err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caKeyFile))
+	if err != nil {
+		return fmt.Errorf("hasan: the CA key is only on the node that ran `cluster init`: %w", err)
+	}
+	ca, err := cluster.LoadCA(certPEM, keyPEM)
+	if err != nil {
+		return err
+	}
+	cert, key, err := ca.Issue(id, time.Now(), nodeCertValidity)
+	if err != nil {
+		return err
+	}
+	return writeFiles(out, map[string][]byte{caCertFile: certPEM, nodeCertFile: cert, nodeKeyFile: key})
+}
+
+func newClusterTokenCmd() *cobra.Command {
+	var (
+		config, role string
+		ttl          time.Duration
+	)
+	c := &cobra.Command{
+		Use:   "token",
+		Short: "print a short-lived, single-use join token (asks the running node through its admin socket)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			var resp struct {
+				Token string `json:"token"`
+			}
+			q := fmt.Sprintf("/token?role=%s&ttl=%s", role, ttl)
+			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodPost, q, nil, &resp); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), resp.Token)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of this node")
+	c.Flags().StringVar(&role, "role", "storage", "role of the joining node: storage or witness")
+	c.Flags().DurationVar(&ttl, "ttl", 15*time.Minute, "token lifetime")
+	return c
+}
+
+func newClusterJoinCmd() *cobra.Command {
+	var config, token, via string
+	c := &cobra.Command{
+		Use:   "join",
+		Short: "admit a node with a join token (run next to the Raft leader; see --help)",
+		Long: "join admits the node described by --config into the cluster: the token is checked and consumed " +
+			"by Raft and the node becomes a voter. The new node must already have its certificate " +
+			"(`hasan cluster cert` on the init node, copied to its data_dir/tls) and run `hasan serve`.\n\n" +
+			"LIMIT: the request goes to the admin socket (--via) of the current Raft leader, so this runs on " +
+			"the leader's host. Joining over the network, with the certificate issued remotely from the token, " +
+			"is not implemented yet.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			if via == "" {
+				return errors.New("hasan: --via (the leader's admin socket) is required: remote join is not implemented")
+			}
+			req := joinRequest{Token: strings.TrimSpace(token), Node: cfg.nodeInfo()}
+			if err := adminCall(cmd.Context(), via, http.MethodPost, "/join", req, nil); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s joined\n", cfg.Node)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of the joining node")
+	c.Flags().StringVar(&token, "token", "", "join token from `hasan cluster token`")
+	c.Flags().StringVar(&via, "via", "", "admin socket of the Raft leader (its data_dir/admin.sock)")
+	_ = c.MarkFlagRequired("token")
+	return c
+}
+
+type joinRequest struct {
+	Token string           `json:"token"`
+	Node  cluster.NodeInfo `json:"node"`
+}
+
+// statusReply is the admin socket's /status and `cluster status --json`.
+type statusReply struct {
+	Node      string         `json:"node"`
+	RaftState string         `json:"raft_state"`
+	Leader    string         `json:"leader"`
+	State     *cluster.State `json:"state"`
+}
+
+func newClusterStatusCmd() *cobra.Command {
+	var (
+		config string
+		asJSON bool
+	)
+	c := &cobra.Command{
+		Use:   "status",
+		Short: "show nodes, groups and volumes as this node sees them",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			var st statusReply
+			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodGet, "/status", nil, &st); err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			printStatus(cmd.OutOrStdout(), &st)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of this node")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return c
+}
+
+func printStatus(w io.Writer, st *statusReply) {
+	fmt.Fprintf(w, "node %s: raft %s, leader %s, maintenance %v\n\n", st.Node, st.RaftState, st.Leader, st.State.Maintenance)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tROLE\tSTATE\tRAFT\tDATA\tPORTAL")
+	for _, id := range sortedIDs(st.State.Nodes) {
+		n := st.State.Nodes[id]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", n.ID, n.Role, n.State, n.RaftAddr, n.DataAddr, n.PortalAddr)
+	}
+	fmt.Fprintln(tw, "\nGROUP\tOWNER\tEPOCH\tMOVING TO\tVIPS\tTARGETS")
+	for _, name := range sortedIDs(st.State.Groups) {
+		g := st.State.Groups[name]
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", g.Name, g.Owner, g.Epoch, g.MovingTo, strings.Join(g.VIPs, ","), strings.Join(g.Targets, ","))
+	}
+	fmt.Fprintln(tw, "\nVOLUME\tNAME\tSIZE\tPRIMARY\tEPOCH\tISR")
+	for _, id := range sortedIDs(st.State.Volumes) {
+		v := st.State.Volumes[id]
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\n", v.UUID, v.Name, v.Size, v.Primary, v.Epoch, strings.Join(v.ISR, ","))
+	}
+	tw.Flush()
+}
+
+func sortedIDs[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// startAdmin serves the local admin socket (mode 0600, so only root and
+// the service user can ask for tokens).
+func (s *server) startAdmin(ctx context.Context) error {
+	path := s.cfg.adminSocket()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	_ = os.Remove(path) // a stale socket of a previous run
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("hasan: admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		_, leader := s.node.Raft().LeaderWithID()
+		writeJSON(w, http.StatusOK, statusReply{Node: s.cfg.Node, RaftState: s.node.Raft().State().String(),
+			Leader: string(leader), State: s.node.FSM().State()})
+	})
+	mux.HandleFunc("POST /token", func(w http.ResponseWriter, r *http.Request) {
+		role := cluster.Role(r.URL.Query().Get("role"))
+		ttl, err := time.ParseDuration(r.URL.Query().Get("ttl"))
+		if err != nil || ttl <= 0 || ttl > 24*time.Hour {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "ttl: want a duration up to 24h"})
+			return
+		}
+		tok, err := issueToken(r.Context(), s.node, role, ttl)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"token": tok})
+	})
+	mux.HandleFunc("POST /join", func(w http.ResponseWriter, r *http.Request) {
+		var req joinRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
+		if !s.node.IsLeader() {
+			writeJSON(w, http.StatusConflict, map[string]string{"error": "not the raft leader: run join on the leader's host"})
+			return
+		}
+		if err := s.node.Join(r.Context(), req.Token, req.Node); err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"joined": req.Node.ID})
+	})
+	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return ctx }}
+	s.srvWG.Add(1)
+	go func() { defer s.srvWG.Done(); _ = s.admin.Serve(ln) }()
+	return nil
+}
+
+// issueToken commits a token's hash and returns the token.
+func issueToken(ctx context.Context, p cluster.Proposer, role cluster.Role, ttl time.Duration) (string, error) {
+	tok, cmd, err := cluster.NewJoinToken(role, time.Now(), ttl)
+	if err != nil {
+		return "", err
+	}
+	if _, err := p.Propose(ctx, cmd); err != nil {
+		return "", err
+	}
+	return tok, nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// adminCall makes one request to a node's admin socket.
+func adminCall(ctx context.Context, socket, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = strings.NewReader(string(b))
+	}
+	cl := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, method, "http://admin"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := cl.Do(req)
+	if err != nil {
+		return fmt.Errorf("hasan: is `hasan serve` running? %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e struct {
+			Error string `json:"error"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("hasan: %s %s: %s", method, path, e.Error)
+	}
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}

@@ -1,0 +1,463 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/hasan-storage/hasan/cluster"
+	"github.com/hasan-storage/hasan/fencing"
+	"github.com/hasan-storage/hasan/replication"
+	"github.com/hasan-storage/hasan/target"
+	"github.com/hasan-storage/hasan/vip"
+	"github.com/hasan-storage/hasan/webui"
+)
+
+// serveConfig is the node's YAML configuration (JSON is YAML too).
+type serveConfig struct {
+	// Node is this node's id in the cluster (also its certificate CN).
+	Node string `yaml:"node"`
+	// Role is storage (holds replicas, serves targets) or witness (votes).
+	Role string `yaml:"role"`
+	// DataDir holds tls/, raft/, replicas/ and admin.sock.
+	DataDir string `yaml:"data_dir"`
+	// ClusterListen is the Raft mutual-TLS listener; ClusterAdvertise what
+	// peers dial (required when the listener is a wildcard).
+	ClusterListen    string `yaml:"cluster_listen"`
+	ClusterAdvertise string `yaml:"cluster_advertise"`
+	// ReplicationListen serves this node's replicas to primaries.
+	ReplicationListen    string `yaml:"replication_listen"`
+	ReplicationAdvertise string `yaml:"replication_advertise"`
+	// PortalListen is the iSCSI portal. A wildcard address also accepts
+	// connections to the floating IPs this node holds.
+	PortalListen string `yaml:"portal_listen"`
+	// VIPLink is the interface floating IPs are added to; empty leaves
+	// VIPs unmanaged (acquisitions fail and are logged).
+	VIPLink  string `yaml:"vip_link"`
+	VIPLabel string `yaml:"vip_label"`
+	// APIListen is the REST API (default 127.0.0.1:7402); "off" disables
+	// it.
+	APIListen string `yaml:"api_listen"`
+	// FailureTimeout is the controller's failure detection; Lease the
+	// self-demotion lease (must be shorter).
+	FailureTimeout time.Duration `yaml:"failure_timeout"`
+	Lease          time.Duration `yaml:"lease"`
+	// ShutdownTimeout bounds the stop on SIGTERM.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+}
+
+const (
+	defaultDataDir           = "/var/lib/hasan"
+	defaultClusterListen     = "0.0.0.0:7400"
+	defaultReplicationListen = "0.0.0.0:7401"
+	defaultPortalListen      = "0.0.0.0:3260"
+	defaultAPIListen         = "127.0.0.1:7402"
+	defaultShutdownTimeout   = 10 * time.Second
+)
+
+func (c *serveConfig) setDefaults() {
+	def := func(s *string, v string) {
+		if *s == "" {
+			*s = v
+		}
+	}
+	def(&c.Role, string(cluster.RoleStorage))
+	def(&c.DataDir, defaultDataDir)
+	def(&c.ClusterListen, defaultClusterListen)
+	def(&c.ReplicationListen, defaultReplicationListen)
+	def(&c.PortalListen, defaultPortalListen)
+	def(&c.APIListen, defaultAPIListen)
+	if c.FailureTimeout <= 0 {
+		c.FailureTimeout = cluster.DefaultFailureTimeout
+	}
+	if c.Lease <= 0 {
+		c.Lease = cluster.DefaultLeaseDuration
+	}
+	if c.ShutdownTimeout <= 0 {
+		c.ShutdownTimeout = defaultShutdownTimeout
+	}
+}
+
+// Validate checks the configuration (after defaults), naming the field.
+func (c *serveConfig) Validate() error {
+	if c.Node == "" {
+		return errors.New("config: node is required")
+	}
+	if c.Role != string(cluster.RoleStorage) && c.Role != string(cluster.RoleWitness) {
+		return fmt.Errorf("config: role %q: want storage or witness", c.Role)
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return fmt.Errorf("config: data_dir %q: must be an absolute path", c.DataDir)
+	}
+	addr := func(field, v string, optional bool) (netip.AddrPort, error) {
+		if v == "" && optional {
+			return netip.AddrPort{}, nil
+		}
+		host, port, err := net.SplitHostPort(v)
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("config: %s %q: %w", field, v, err)
+		}
+		ap, err := netip.ParseAddrPort(net.JoinHostPort(host, port))
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("config: %s %q: want IP:port: %w", field, v, err)
+		}
+		return ap, nil
+	}
+	needAdvertise := func(lf, lv, af, av string) error {
+		l, err := addr(lf, lv, false)
+		if err != nil {
+			return err
+		}
+		a, err := addr(af, av, true)
+		if err != nil {
+			return err
+		}
+		if av == "" && (l.Addr().IsUnspecified() || l.Port() == 0) {
+			return fmt.Errorf("config: %s is required when %s (%s) is a wildcard address", af, lf, lv)
+		}
+		if av != "" && (a.Addr().IsUnspecified() || a.Port() == 0) {
+			return fmt.Errorf("config: %s %q: must be a dialable IP:port", af, av)
+		}
+		return nil
+	}
+	if err := needAdvertise("cluster_listen", c.ClusterListen, "cluster_advertise", c.ClusterAdvertise); err != nil {
+		return err
+	}
+	if c.Role == string(cluster.RoleStorage) {
+		if err := needAdvertise("replication_listen", c.ReplicationListen, "replication_advertise", c.ReplicationAdvertise); err != nil {
+			return err
+		}
+		if _, err := addr("portal_listen", c.PortalListen, false); err != nil {
+			return err
+		}
+	}
+	if c.APIListen != "off" {
+		if _, err := addr("api_listen", c.APIListen, false); err != nil {
+			return err
+		}
+	}
+	if err := cluster.CheckTimeouts(c.Lease, c.FailureTimeout); err != nil {
+		return fmt.Errorf("config: lease/failure_timeout: %w", err)
+	}
+	return nil
+}
+
+func (c *serveConfig) clusterAdvertise() string {
+	if c.ClusterAdvertise != "" {
+		return c.ClusterAdvertise
+	}
+	return c.ClusterListen
+}
+
+func (c *serveConfig) replicationAdvertise() string {
+	if c.ReplicationAdvertise != "" {
+		return c.ReplicationAdvertise
+	}
+	return c.ReplicationListen
+}
+
+func (c *serveConfig) tlsDir() string      { return filepath.Join(c.DataDir, "tls") }
+func (c *serveConfig) raftDir() string     { return filepath.Join(c.DataDir, "raft") }
+func (c *serveConfig) replicaDir() string  { return filepath.Join(c.DataDir, "replicas") }
+func (c *serveConfig) adminSocket() string { return filepath.Join(c.DataDir, "admin.sock") }
+
+// nodeInfo is how this node registers itself in the state.
+func (c *serveConfig) nodeInfo() cluster.NodeInfo {
+	n := cluster.NodeInfo{ID: c.Node, Role: cluster.Role(c.Role), RaftAddr: c.clusterAdvertise()}
+	if c.APIListen != "off" {
+		n.APIAddr = c.APIListen
+	}
+	if n.Role == cluster.RoleStorage {
+		n.DataAddr = c.replicationAdvertise()
+		n.PortalAddr = c.PortalListen
+	}
+	return n
+}
+
+func loadServeConfig(path string) (*serveConfig, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var c serveConfig
+	if err := yaml.Unmarshal(raw, &c); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	c.setDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &c, nil
+}
+
+func newServeCmd() *cobra.Command {
+	var config string
+	c := &cobra.Command{
+		Use:   "serve",
+		Short: "run this node: Raft member, controller, quorum lease, node agent, target and replica server",
+		Long: `serve runs one cluster node until SIGTERM. Example configuration (YAML; defaults shown in comments):
+
+  node: n1                          # required; the certificate CN
+  role: storage                     # storage | witness
+  data_dir: /var/lib/hasan          # tls/, raft/, replicas/, admin.sock
+  cluster_listen: 0.0.0.0:7400      # Raft, mutual TLS
+  cluster_advertise: 192.0.2.1:7400 # required with a wildcard listener
+  replication_listen: 0.0.0.0:7401
+  replication_advertise: 192.0.2.1:7401
+  portal_listen: 0.0.0.0:3260       # iSCSI; a wildcard also answers on held VIPs
+  vip_link: eth0                    # empty: VIPs are not managed
+  api_listen: 127.0.0.1:7402        # REST API; "off" disables it
+  failure_timeout: 800ms
+  lease: 500ms                      # must be shorter than failure_timeout
+
+Create the cluster with 'hasan cluster init' on the first storage node.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadServeConfig(config)
+			if err != nil {
+				return err
+			}
+			return runServe(cmd.Context(), cfg, serveOptions{Logger: slog.Default()})
+		},
+	}
+	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file")
+	return c
+}
+
+// serveOptions inject what tests replace.
+type serveOptions struct {
+	Logger *slog.Logger
+	// VIPs replaces vip.Manager (tests without CAP_NET_ADMIN).
+	VIPs cluster.VIPManager
+}
+
+// runServe starts the node and stops it when ctx ends.
+func runServe(ctx context.Context, cfg *serveConfig, o serveOptions) error {
+	s, err := startServer(cfg, o)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	s.log.Info("hasan: stopping", "timeout", cfg.ShutdownTimeout)
+	return s.Close()
+}
+
+// server is one running node.
+type server struct {
+	cfg  *serveConfig
+	log  *slog.Logger
+	node *cluster.Node
+
+	tsrv   *target.Server
+	rsrv   *replication.Server
+	reps   *cluster.ReplicaAdapter
+	agent  *cluster.Agent
+	vipm   *vip.Manager
+	api    *webui.Server
+	admin  *http.Server
+	portal net.Addr
+
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // loops that end with ctx
+	agentWG sync.WaitGroup // the agent's loop
+	srvWG   sync.WaitGroup // Serve calls that end with Close
+}
+
+func (s *server) run(ctx context.Context, name string, f func(ctx context.Context) error) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := f(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("hasan: "+name+" stopped", "err", err)
+		}
+	}()
+}
+
+func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("node", cfg.Node)
+	tlsCfg, err := loadNodeTLS(cfg)
+	if err != nil {
+		return nil, err
+	}
+	_, statErr := os.Stat(filepath.Join(cfg.raftDir(), "raft.db"))
+	member := statErr == nil
+	node, err := cluster.NewNode(cluster.NodeConfig{
+		ID: cfg.Node, Role: cluster.Role(cfg.Role), DataDir: cfg.raftDir(),
+		BindAddr: cfg.ClusterListen, AdvertiseAddr: cfg.ClusterAdvertise, TLS: tlsCfg, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &server{cfg: cfg, log: log, node: node, cancel: cancel}
+	defer func() {
+		if err != nil {
+			_ = s.Close()
+		}
+	}()
+	if !member {
+		log.Warn("hasan: not a cluster member yet; waiting to be added as a voter (no raft state in data_dir)")
+	}
+	s.run(ctx, "heartbeats", node.Run)
+	s.run(ctx, "controller", func(ctx context.Context) error {
+		return node.RunController(ctx, func() *cluster.Controller {
+			return &cluster.Controller{
+				Config: cluster.ControllerConfig{Self: cfg.Node, FailureTimeout: cfg.FailureTimeout},
+				FSM:    node.FSM(), P: node, Logger: log,
+				VerifyLeader: node.VerifyLeader,
+				Fencer: func(st *cluster.State) (cluster.Fencer, error) {
+					hist := &cluster.FenceHistory{P: node, FSM: node.FSM()}
+					return cluster.BuildFencer(st, hist, log, time.Now)
+				},
+			}
+		})
+	})
+
+	if cfg.Role == string(cluster.RoleStorage) {
+		if err := s.startStorage(ctx, tlsCfg, o); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.startAdmin(ctx); err != nil {
+		return nil, err
+	}
+	if cfg.APIListen != "off" {
+		api, err := webui.New(webui.Config{Addr: cfg.APIListen, Logger: log}, webui.NewNodeService(node))
+		if err != nil {
+			return nil, fmt.Errorf("hasan: api: %w", err)
+		}
+		s.api = api
+		s.run(ctx, "api", api.Run)
+	}
+	log.Info("hasan: node started", "role", cfg.Role, "cluster", node.Addr(), "member", member)
+	return s, nil
+}
+
+var _ fencing.HistoryStore = (*cluster.FenceHistory)(nil)
+
+func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOptions) error {
+	cfg, log, node := s.cfg, s.log, s.node
+	s.tsrv = target.NewServer(target.Config{Logger: log})
+	pl, err := net.Listen("tcp", cfg.PortalListen)
+	if err != nil {
+		return fmt.Errorf("hasan: portal: %w", err)
+	}
+	s.portal = pl.Addr()
+	s.srvWG.Add(1)
+	go func() { defer s.srvWG.Done(); _ = s.tsrv.Serve(pl) }()
+	s.rsrv, err = replication.NewServer(replication.ServerConfig{TLS: tlsCfg, Logger: log})
+	if err != nil {
+		return err
+	}
+	rl, err := net.Listen("tcp", cfg.ReplicationListen)
+	if err != nil {
+		return fmt.Errorf("hasan: replication listener: %w", err)
+	}
+	s.srvWG.Add(1)
+	go func() { defer s.srvWG.Done(); _ = s.rsrv.Serve(rl) }()
+	s.reps = &cluster.ReplicaAdapter{Self: cfg.Node, Dir: cfg.replicaDir(), Server: s.rsrv, TLS: tlsCfg,
+		FSM: node.FSM(), P: node, Logger: log}
+	var vips cluster.LocalVIPs
+	switch {
+	case o.VIPs != nil:
+		vips = &cluster.VIPAdapter{Manager: o.VIPs, Link: cfg.VIPLink, Label: cfg.VIPLabel, Logger: log}
+	case cfg.VIPLink != "":
+		m, err := vip.New(vip.Config{Logger: log})
+		if err != nil {
+			return fmt.Errorf("hasan: vip manager: %w", err)
+		}
+		s.vipm = m
+		vips = &cluster.VIPAdapter{Manager: m, Link: cfg.VIPLink, Label: cfg.VIPLabel, Logger: log}
+	default:
+		log.Warn("hasan: no vip_link configured: floating IPs are not managed on this node")
+		vips = noVIPs{}
+	}
+	lease := &cluster.SelfDemotion{Raft: node.Raft(), Lease: cluster.NewLease(cfg.Lease, nil), Logger: log}
+	s.agent = &cluster.Agent{
+		Self: cfg.Node, FSM: node.FSM(), P: node,
+		VIPs:     vips,
+		Targets:  &cluster.TargetAdapter{Server: s.tsrv, Replicas: s.reps, FSM: node.FSM(), P: node, Logger: log},
+		Replicas: s.reps,
+		Serving:  lease.Serving,
+		Logger:   log,
+	}
+	lease.Demoter = s.agent
+	s.run(ctx, "lease", lease.Run)
+	s.agentWG.Add(1)
+	go func() {
+		defer s.agentWG.Done()
+		if err := s.agent.Run(ctx); err != nil && ctx.Err() == nil {
+			log.Error("hasan: agent stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Close stops everything within cfg.ShutdownTimeout: the agent first (so
+// nothing re-acquires), then the node stops serving (VIPs, targets,
+// replicas), then Raft, whose shutdown also resolves a lease check that
+// may still be waiting on a quorum, then the remaining loops.
+func (s *server) Close() error {
+	s.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		var errs []error
+		s.agentWG.Wait()
+		if s.agent != nil {
+			errs = append(errs, s.agent.Demote(ctx, "shutdown"))
+		}
+		if s.tsrv != nil {
+			errs = append(errs, s.tsrv.Close())
+		}
+		if s.reps != nil {
+			errs = append(errs, s.reps.CloseAll(ctx))
+		}
+		if s.rsrv != nil {
+			errs = append(errs, s.rsrv.Close())
+		}
+		if s.vipm != nil {
+			errs = append(errs, s.vipm.Close())
+		}
+		if s.admin != nil {
+			errs = append(errs, s.admin.Close())
+		}
+		errs = append(errs, s.node.Close())
+		s.wg.Wait()
+		s.srvWG.Wait()
+		done <- errors.Join(errs...)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("hasan: shutdown did not finish within %v", s.cfg.ShutdownTimeout)
+	}
+}
+
+// noVIPs is LocalVIPs on a node without vip_link: nothing is held and
+// every acquisition fails, so the agent logs it on each pass.
+type noVIPs struct{}
+
+func (noVIPs) Acquire(_ context.Context, p netip.Prefix) error {
+	return fmt.Errorf("hasan: vip %s not added: no vip_link configured", p)
+}
+func (noVIPs) Release(context.Context, netip.Prefix) error { return nil }
+func (noVIPs) Held() []netip.Prefix                        { return nil }
