@@ -263,18 +263,40 @@ func (n *Node) Propose(ctx context.Context, c *Command) (any, error) {
 	return n.proposeEncoded(ctx, b)
 }
 
+// proposeEncoded applies b on the leader, forwarding when this node is a
+// follower. Right after an election a follower may not know the new leader
+// yet; since nothing has been sent then, it waits (within ctx) for one to be
+// known rather than failing a proposal that would succeed a moment later.
+// Outcomes that may have been applied (leadership lost mid-apply, forwarding
+// errors) are returned as they are: retrying them could apply twice.
 func (n *Node) proposeEncoded(ctx context.Context, b []byte) (any, error) {
-	if n.raft.State() == raft.Leader {
-		return n.applyLocal(ctx, b)
+	wait := 10 * time.Millisecond
+	for {
+		var (
+			res any
+			err error
+		)
+		if n.raft.State() == raft.Leader {
+			res, err = n.applyLocal(ctx, b)
+			if !errors.Is(err, raft.ErrNotLeader) {
+				return res, err
+			}
+		} else if addr, _ := n.raft.LeaderWithID(); addr != "" {
+			if n.mux == nil {
+				return n.cfg.Forward(ctx, addr, b)
+			}
+			return n.forward(ctx, string(addr), b)
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = ErrNotLeader
+			}
+			return nil, fmt.Errorf("%w (no leader before %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 200*time.Millisecond)
 	}
-	addr, _ := n.raft.LeaderWithID()
-	if addr == "" {
-		return nil, ErrNotLeader
-	}
-	if n.mux == nil {
-		return n.cfg.Forward(ctx, addr, b)
-	}
-	return n.forward(ctx, string(addr), b)
 }
 
 func (n *Node) applyLocal(ctx context.Context, b []byte) (any, error) {
