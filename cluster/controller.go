@@ -486,7 +486,7 @@ func (c *Controller) Run(ctx context.Context) error {
 					post(func(core *ControllerCore) { core.FenceDone(node, err, c.Clock.Now()) })
 					continue
 				}
-				log.Warn("cluster: fencing failed node", "node", node, "detected_at", a.DetectedAt)
+				log.Warn("cluster: node failed; fencing it before takeover", "node", node, "detected_at", a.DetectedAt)
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
