@@ -46,52 +46,58 @@ func ensureDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
 }
 
 // waitFor polls until Status reports want. Transient read errors are retried
-// until the deadline, but the final verdict names the last thing seen so an
-// operator can tell "still on" from "could not read".
+// until the deadline. The verdict rests on the last state the device actually
+// reported: "still on" is stronger evidence than a later read that failed
+// (under load, one slow read at the deadline must not turn a device that
+// said ON into "could not read"), and "could not read" is the verdict only
+// when no read ever succeeded, so an operator can tell the two apart.
 func waitFor(ctx context.Context, a Agent, want PowerState, poll time.Duration) error {
 	if poll <= 0 {
 		poll = DefaultPollInterval
 	}
 	var (
-		lastErr   error
-		lastState = PowerUnknown
-		reads     int
+		lastErr  error
+		lastGood = PowerUnknown // last state the device reported
+		reads    int
 	)
 	for {
 		st, err := a.Status(ctx)
 		reads++
 		switch {
 		case err != nil && ctx.Err() != nil && reads > 1:
-			// The deadline cut this read short; the verdict rests on what
-			// the device said before.
-			return confirmVerdict(ctx.Err(), want, lastState, lastErr, reads-1)
+			// The deadline cut this read short; it says nothing.
+			return confirmVerdict(ctx.Err(), want, lastGood, lastErr, reads-1)
 		case err != nil:
-			lastErr, lastState = err, PowerUnknown
+			lastErr = err
 		case st == want:
 			return nil
 		case st != PowerOn && st != PowerOff:
-			lastErr, lastState = fmt.Errorf("agent returned %v without an error", st), PowerUnknown
+			lastErr = fmt.Errorf("agent returned %v without an error", st)
 		default:
-			lastErr, lastState = nil, st
+			lastGood = st
 		}
 		t := time.NewTimer(poll)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return confirmVerdict(ctx.Err(), want, lastState, lastErr, reads)
+			return confirmVerdict(ctx.Err(), want, lastGood, lastErr, reads)
 		case <-t.C:
 		}
 	}
 }
 
-func confirmVerdict(ctxErr error, want, last PowerState, lastErr error, reads int) error {
-	if lastErr != nil {
+func confirmVerdict(ctxErr error, want, lastGood PowerState, lastErr error, reads int) error {
+	if lastGood == PowerUnknown && lastErr != nil {
 		// Keep the agent's own markers (ErrAuth, ErrUnreachable) reachable
 		// next to ErrStatusUnreadable.
 		return fmt.Errorf("%w after %d reads (wanted %v): %w: %w", ErrStatusUnreadable, reads, want, lastErr, ctxErr)
 	}
-	if want == PowerOff {
-		return fmt.Errorf("%w: status still %v after %d reads: %w", ErrNotConfirmed, last, reads, ctxErr)
+	also := ""
+	if lastErr != nil {
+		also = fmt.Sprintf(" (a later read failed: %v)", lastErr)
 	}
-	return fmt.Errorf("fencing: power on not confirmed: status still %v after %d reads: %w", last, reads, ctxErr)
+	if want == PowerOff {
+		return fmt.Errorf("%w: status still %v after %d reads%s: %w", ErrNotConfirmed, lastGood, reads, also, ctxErr)
+	}
+	return fmt.Errorf("fencing: power on not confirmed: status still %v after %d reads%s: %w", lastGood, reads, also, ctxErr)
 }
