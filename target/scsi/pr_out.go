@@ -408,10 +408,9 @@ func (h *prHandler) preemptLocked(ctx context.Context, n ITNexus, p prOutParams,
 	notSelf := func(key uint64) func(int, PRRegistration) bool {
 		return func(i int, r PRRegistration) bool { return i != reg && r.Key == key }
 	}
-
-	switch {
-	case cur.Holder < 0 || (prAllRegistrants(cur.Type) && p.sark != 0):
-		// Only registrations go; any AR reservation stays with the rest.
+	// preemptRegistrations removes the registrations holding SARK (never
+	// the preempting nexus's own) and leaves any reservation as it is.
+	preemptRegistrations := func() (Status, error) {
 		if p.sark == 0 {
 			return prCheck(InvalidParamField(8, -1))
 		}
@@ -424,6 +423,12 @@ func (h *prHandler) preemptLocked(ctx context.Context, n ITNexus, p prOutParams,
 		}
 		h.uaLocked(removed, &n, ReasonUARegistrationsPreempted)
 		return prGood()
+	}
+
+	switch {
+	case cur.Holder < 0 || (prAllRegistrants(cur.Type) && p.sark != 0):
+		// Only registrations go; any AR reservation stays with the rest.
+		return preemptRegistrations()
 
 	case prAllRegistrants(cur.Type):
 		// SARK 0 preempts an all-registrants reservation: everyone else goes
@@ -439,18 +444,7 @@ func (h *prHandler) preemptLocked(ctx context.Context, n ITNexus, p prOutParams,
 
 	holderKey := cur.Registrations[cur.Holder].Key
 	if p.sark != holderKey {
-		if p.sark == 0 {
-			return prCheck(InvalidParamField(8, -1))
-		}
-		removed, _ := removeRegs(&next, notSelf(p.sark))
-		if len(removed) == 0 {
-			return prConflict()
-		}
-		if err := h.commitLocked(ctx, next); err != nil {
-			return prSaveFailed(err, false)
-		}
-		h.uaLocked(removed, &n, ReasonUARegistrationsPreempted)
-		return prGood()
+		return preemptRegistrations()
 	}
 
 	// Preempt the reservation itself (possibly our own, to change its type).
