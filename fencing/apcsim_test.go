@@ -139,6 +139,11 @@ func (b *apcBackend) powerLocked(o *apcOutlet, on bool) {
 	if !on && o.State != 2 {
 		if o.PID > 0 {
 			_ = syscall.Kill(o.PID, syscall.SIGKILL)
+			// SIGKILL is asynchronous; a real outlet reads "off" only once
+			// the power is gone, so wait for the node to die first.
+			for deadline := time.Now().Add(2 * time.Second); procAlive(o.PID) && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
 		}
 		o.State = 2
 	}
