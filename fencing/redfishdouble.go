@@ -21,7 +21,8 @@ import (
 // PowerState and the #ComputerSystem.Reset action, SessionService with
 // X-Auth-Token sessions, HTTP basic auth). Serve it over TLS with
 // httptest.NewTLSServer. It lives outside _test.go files so other packages'
-// tests (cmd/hasan) can fence against it; nothing in production uses it.
+// tests (cmd/hasan) can fence against it. `hasan demo` uses it as the
+// simulated BMC of each demo node; nothing else in production does.
 //
 // The first system's power is a real process (NodeCommand): On starts it,
 // ForceOff SIGKILLs it, and PowerState reads whether it still runs, so a
@@ -112,6 +113,13 @@ func (d *RedfishDouble) NodePID() int {
 		return c.Process.Pid
 	}
 	return 0
+}
+
+// Powered reports whether the first system is on (its node process runs).
+func (d *RedfishDouble) Powered() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.systems[0].on()
 }
 
 // Sessions is the number of open sessions.
