@@ -643,15 +643,28 @@ func (c *Cluster) inSync(ctx context.Context) bool {
 
 func (c *Cluster) waitServing(ctx context.Context, d time.Duration) error {
 	deadline := time.Now().Add(d)
+	var syncedSince time.Time
 	for time.Now().Before(deadline) {
 		// Serving is not enough: until the second replica is in sync, a
-		// failover would (rightly) find no candidate.
+		// failover would (rightly) find no candidate. Right after the
+		// grant the ISR still reads full while the new primary may be
+		// about to drop a replica it could not reach, so the ISR must
+		// stay full for a while after the portal answers.
+		ok := false
 		if c.Owner(ctx) != "" && c.inSync(ctx) {
 			conn, err := (&net.Dialer{Timeout: 300 * time.Millisecond}).DialContext(ctx, "tcp", c.Portal())
 			if err == nil {
 				conn.Close()
-				return nil
+				ok = true
 			}
+		}
+		switch {
+		case !ok:
+			syncedSince = time.Time{}
+		case syncedSince.IsZero():
+			syncedSince = time.Now()
+		case time.Since(syncedSince) >= 2*time.Second:
+			return nil
 		}
 		select {
 		case <-ctx.Done():
