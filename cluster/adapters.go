@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hasan-storage/hasan/replication"
 	"github.com/hasan-storage/hasan/target"
@@ -33,15 +34,23 @@ type VIPManager interface {
 
 var _ VIPManager = (*vip.Manager)(nil)
 
+// vipAdopter is the optional part of a VIPManager that takes over an
+// address already configured (vip.Manager.Adopt).
+type vipAdopter interface {
+	Adopt(ctx context.Context, v vip.VIP) error
+}
+
+var _ vipAdopter = (*vip.Manager)(nil)
+
 // VIPAdapter implements LocalVIPs on a vip.Manager: every floating
 // address goes on one link.
 type VIPAdapter struct {
 	Manager VIPManager
 	Link    string
 	Label   string // "" means vip.DefaultLabel
-	// Conns, if set, returns the initiator connections known for a VIP so
-	// a new owner can tickle them (vip/'s tickle ACK). The cluster state
-	// does not record connections yet, so serve leaves it nil.
+	// Conns, if set, returns extra initiator connections to tickle right
+	// after a VIP is acquired. The agent itself tickles the connections
+	// the cluster state records (Tickle below), so serve leaves it nil.
 	Conns  func(addr netip.Prefix) []vip.TCPConn
 	Logger *slog.Logger
 
@@ -49,7 +58,38 @@ type VIPAdapter struct {
 	held map[netip.Prefix]bool
 }
 
-var _ LocalVIPs = (*VIPAdapter)(nil)
+var (
+	_ LocalVIPs = (*VIPAdapter)(nil)
+	_ Tickler   = (*VIPAdapter)(nil)
+)
+
+// Tickle sends tickle ACKs to the recorded connections whose VIP this
+// adapter holds; the others are skipped (another group's, or released).
+func (a *VIPAdapter) Tickle(ctx context.Context, conns []InitiatorConn) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []vip.TCPConn
+	for _, c := range conns {
+		l, err1 := netip.ParseAddrPort(c.Local)
+		r, err2 := netip.ParseAddrPort(c.Remote)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		for p := range a.held {
+			if p.Addr() == l.Addr() {
+				out = append(out, vip.TCPConn{Local: l, Remote: r})
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	if err := a.Manager.Tickle(ctx, out); err != nil {
+		return fmt.Errorf("cluster: tickle %d connections: %w", len(out), err)
+	}
+	return nil
+}
 
 func (a *VIPAdapter) vip(p netip.Prefix) vip.VIP {
 	return vip.VIP{Addr: p, Link: a.Link, Label: a.Label}
@@ -62,7 +102,17 @@ func (a *VIPAdapter) vip(p netip.Prefix) vip.VIP {
 func (a *VIPAdapter) Acquire(ctx context.Context, p netip.Prefix) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if err := a.Manager.Acquire(ctx, a.vip(p)); err != nil {
+	err := a.Manager.Acquire(ctx, a.vip(p))
+	if ad, ok := a.Manager.(vipAdopter); ok && errors.Is(err, vip.ErrForeignAddress) {
+		// The address is already on our link but this Manager did not add
+		// it: left by this node's previous run (the agent acquires only
+		// what the committed state says this node owns, under the lease).
+		// Take it over without a probe, which would not see our own
+		// kernel anyway.
+		logOr(a.Logger).Warn("cluster: adopting a VIP already configured here", "vip", p)
+		err = ad.Adopt(ctx, a.vip(p))
+	}
+	if err != nil {
 		return fmt.Errorf("cluster: acquire vip %s: %w", p, err)
 	}
 	if a.held == nil {
@@ -117,11 +167,22 @@ type ReplicaAdapter struct {
 	// Volume tunes OpenVolume (tick, ack timeout, resync rate); Self,
 	// Peers, Local, Membership, TLS and Logger are set here.
 	Volume replication.VolumeConfig
-	Logger *slog.Logger
+	// PeerWait bounds how long a new primary waits, before it serves, for
+	// the replicas in the ISR to finish their handshake; default
+	// DefaultPeerWait, negative: no wait. A write accepted before an ISR
+	// member is up makes the primary drop that member from the ISR and
+	// resync it, which is what a planned move must avoid.
+	PeerWait time.Duration
+	Logger   *slog.Logger
 
 	mu   sync.Mutex
 	open map[string]*openReplica
 }
+
+// DefaultPeerWait: a live replica on the LAN completes its handshake in
+// tens of milliseconds; a dead one (not yet out of the ISR) costs at most
+// this much of the planned-move budget.
+const DefaultPeerWait = 200 * time.Millisecond
 
 type openReplica struct {
 	primary bool
@@ -181,17 +242,18 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 	cfg.Membership = &Membership{P: a.P, FSM: a.FSM}
 	cfg.Logger = logOr(a.Logger)
 	if cfg.OnUnhealthy == nil {
-		// The local disk failed under a primary. Moving the group is not
-		// automated yet: raise an alert so an operator moves it.
-		uuid, self, p, log := v.UUID, a.Self, a.P, logOr(a.Logger)
+		// The local disk failed under a primary: raise an alert and move
+		// the group away by a planned move (no fence: the node is up and
+		// answers, only its copy is gone).
+		uuid, log := v.UUID, logOr(a.Logger)
 		cfg.OnUnhealthy = func(err error) {
 			log.Error("cluster: primary disk failed", "volume", uuid, "err", err)
 			go func() {
 				ctx, cancel := context.WithTimeout(context.Background(), DefaultProposeTimeout)
 				defer cancel()
-				_, _ = p.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{
-					Severity: SeverityAlert, Kind: "disk-failed", Node: self,
-					Message: fmt.Sprintf("local disk of primary %s failed: %v", uuid, err)}}})
+				if err := MoveOffFailedDisk(ctx, a.P, a.FSM, a.Self, uuid, err); err != nil {
+					log.Error("cluster: moving the group off the failed disk", "volume", uuid, "err", err)
+				}
 			}()
 		}
 	}
@@ -216,8 +278,72 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 		return fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
 	}
 	a.open[v.UUID] = &openReplica{primary: true, vol: vol, epoch: v.Epoch}
-	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers))
+	up, waited := a.waitPeers(ctx, vol)
+	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers),
+		"isr_up", up, "waited", waited)
 	return nil
+}
+
+// waitPeers polls the new primary until every ISR member is up (or the
+// wait is over) and reports whether they all were.
+func (a *ReplicaAdapter) waitPeers(ctx context.Context, vol *replication.Volume) (bool, time.Duration) {
+	wait := a.PeerWait
+	if wait == 0 {
+		wait = DefaultPeerWait
+	}
+	start := time.Now()
+	if wait < 0 {
+		return false, 0
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	for {
+		st, err := vol.Status(ctx)
+		if err != nil {
+			return false, time.Since(start)
+		}
+		up := true
+		for _, p := range st {
+			if p.InISR && (p.Mode != "up" || p.Removing) {
+				up = false
+			}
+		}
+		if up {
+			return true, time.Since(start)
+		}
+		select {
+		case <-ctx.Done():
+			return false, time.Since(start)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// MoveOffFailedDisk reacts to a failed local disk under self's primary of
+// volume: an alert event, then a planned move of the volume's group, if
+// self owns it, to the best node in its ISR (the controller retargets the
+// grant if that node is not alive).
+func MoveOffFailedDisk(ctx context.Context, p Proposer, fsm *FSM, self, volume string, cause error) error {
+	var errs []error
+	_, err := p.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{
+		Severity: SeverityAlert, Kind: "disk-failed", Node: self,
+		Message: fmt.Sprintf("local disk of primary %s failed: %v", volume, cause)}}})
+	errs = append(errs, err)
+	st := fsm.State()
+	for _, name := range st.OwnedGroups(self) {
+		g := st.Groups[name]
+		if g.MovingTo != "" || !slices.Contains(st.GroupVolumes(name), volume) {
+			continue
+		}
+		cs := Candidates(st, name, self, func(string) bool { return true })
+		if len(cs) == 0 {
+			errs = append(errs, fmt.Errorf("cluster: no node can take group %s off the failed disk", name))
+			continue
+		}
+		_, err := p.Propose(ctx, &Command{Kind: KindGroupMove, GroupMove: &GroupMoveCmd{Group: name, Node: cs[0]}})
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // Close closes a primary (pending requests fail with ErrClosed) or stops
@@ -237,6 +363,9 @@ func (a *ReplicaAdapter) Close(ctx context.Context, uuid string) error {
 		return nil
 	}
 	l, err := a.Server.RemoveVolume(uuid)
+	if errors.Is(err, replication.ErrUnknownVolume) {
+		return nil // the server is closed, and closed it with itself
+	}
 	if err != nil {
 		return fmt.Errorf("cluster: stop replica %s: %w", uuid, err)
 	}
@@ -442,6 +571,28 @@ func (a *TargetAdapter) Stop(ctx context.Context, iqn string) error {
 	delete(a.serving, name)
 	logOr(a.Logger).Info("cluster: target stopped", "target", name)
 	return nil
+}
+
+var _ LocalConns = (*TargetAdapter)(nil)
+
+// Conns lists the TCP connections of the server's normal (not discovery)
+// sessions, in canonical "IP:port" form.
+func (a *TargetAdapter) Conns() []InitiatorConn {
+	var out []InitiatorConn
+	for _, si := range a.Server.Sessions() {
+		if si.Discovery {
+			continue
+		}
+		l, err1 := netip.ParseAddrPort(si.LocalAddr)
+		r, err2 := netip.ParseAddrPort(si.RemoteAddr)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		l = netip.AddrPortFrom(l.Addr().Unmap(), l.Port())
+		r = netip.AddrPortFrom(r.Addr().Unmap(), r.Port())
+		out = append(out, InitiatorConn{Local: l.String(), Remote: r.String()})
+	}
+	return out
 }
 
 // Serving lists the exported targets.

@@ -338,3 +338,66 @@ func TestVIPAdapterTickleAndRelease(t *testing.T) {
 		t.Fatal("acquire error not returned")
 	}
 }
+
+// TestVIPAdapterTicklesRecordedConns: the agent's recorded connections
+// reach vip.Manager.Tickle as TCPConns, only for VIPs held here.
+func TestVIPAdapterTicklesRecordedConns(t *testing.T) {
+	ctx := context.Background()
+	m := &fakeVIPManager{}
+	a := &VIPAdapter{Manager: m, Link: "eth-test"}
+	if err := a.Acquire(ctx, netip.MustParsePrefix("192.0.2.10/32")); err != nil {
+		t.Fatal(err)
+	}
+	err := a.Tickle(ctx, []InitiatorConn{
+		{Local: "192.0.2.10:3260", Remote: "198.51.100.7:51000"},
+		{Local: "192.0.2.11:3260", Remote: "198.51.100.7:51001"}, // not held here
+		{Local: "junk", Remote: "198.51.100.7:51002"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []vip.TCPConn{{Local: netip.MustParseAddrPort("192.0.2.10:3260"), Remote: netip.MustParseAddrPort("198.51.100.7:51000")}}
+	if !slices.Equal(m.tickled, want) {
+		t.Fatalf("tickled %v, want %v", m.tickled, want)
+	}
+}
+
+// foreignVIPs has the address configured already (a previous run of this
+// node left it): Acquire refuses it as foreign, Adopt takes it.
+type foreignVIPs struct {
+	fakeVIPManager
+	adopted []netip.Prefix
+}
+
+func (f *foreignVIPs) Acquire(context.Context, vip.VIP) error { return vip.ErrForeignAddress }
+
+func (f *foreignVIPs) Adopt(_ context.Context, v vip.VIP) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.adopted = append(f.adopted, v.Addr)
+	return nil
+}
+
+// TestVIPAdapterAdoptsAfterRestart: an address the state says is ours but
+// that this Manager did not add (left by the previous run) is adopted, not
+// refused; without Adopt the refusal is returned.
+func TestVIPAdapterAdoptsAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	p := netip.MustParsePrefix("192.0.2.10/32")
+	m := &foreignVIPs{}
+	a := &VIPAdapter{Manager: m, Link: "eth-test"}
+	if err := a.Acquire(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(m.adopted, []netip.Prefix{p}) || !slices.Equal(a.Held(), []netip.Prefix{p}) {
+		t.Fatalf("adopted %v, held %v", m.adopted, a.Held())
+	}
+	plain := &VIPAdapter{Manager: &refusingVIPs{}, Link: "eth-test"}
+	if err := plain.Acquire(ctx, p); !errors.Is(err, vip.ErrForeignAddress) {
+		t.Fatalf("without Adopt: %v", err)
+	}
+}
+
+type refusingVIPs struct{ fakeVIPManager }
+
+func (*refusingVIPs) Acquire(context.Context, vip.VIP) error { return vip.ErrForeignAddress }

@@ -178,6 +178,21 @@ func (s *State) Apply(c *Command) (any, error) {
 			break
 		}
 		return nil, s.join(c, c.Join)
+	case KindGroupConns:
+		if c.GroupConns == nil {
+			break
+		}
+		return nil, s.groupConns(c.GroupConns)
+	case KindGroupMoveCancel:
+		if c.GroupMoveCancel == nil {
+			break
+		}
+		return nil, s.groupMoveCancel(c, c.GroupMoveCancel)
+	case KindFenceConfirm:
+		if c.FenceConfirm == nil {
+			break
+		}
+		return nil, s.fenceConfirm(c, c.FenceConfirm)
 	default:
 		return nil, invalidf("unknown kind %s", c.Kind)
 	}
@@ -318,6 +333,10 @@ func (s *State) nodeSetState(c *Command, cmd *NodeSetStateCmd) error {
 	}
 	from := n.State
 	n.State = cmd.State
+	if from == NodeFenced {
+		// Repaired and back: a confirmation that it was off is history.
+		delete(s.FenceConfirms, n.ID)
+	}
 	s.event(c, SeverityInfo, "node-state", n.ID, "", fmt.Sprintf("node %s %s -> %s", n.ID, from, cmd.State))
 	return nil
 }
@@ -597,9 +616,15 @@ func (s *State) groupPut(g Group) error {
 		}
 	}
 	ng := g.clone()
-	ng.Owner, ng.Epoch, ng.MovingTo = "", 0, ""
+	ng.Owner, ng.Epoch, ng.MovingTo, ng.Conns = "", 0, "", nil
 	if cur != nil {
 		ng.Owner, ng.Epoch, ng.MovingTo = cur.Owner, cur.Epoch, cur.MovingTo
+		// Recorded connections stay while their VIP stays in the group.
+		for _, c := range cur.Conns {
+			if ng.hasVIP(c.Local) {
+				ng.Conns = append(ng.Conns, c)
+			}
+		}
 	}
 	s.Groups[g.Name] = ng
 	return nil
@@ -739,6 +764,8 @@ func (s *State) takeover(c *Command, cmd *TakeoverCmd) error {
 		v := s.Volumes[uuid]
 		v.ISR = slices.DeleteFunc(v.ISR, func(n string) bool { return n == cmd.From })
 	}
+	// An operator's confirmation serves one takeover only.
+	delete(s.FenceConfirms, cmd.From)
 	s.grant(g, cmd.To)
 	s.event(c, SeverityAlert, "takeover", cmd.To, cmd.Group,
 		fmt.Sprintf("group %s taken over from fenced %s by %s at epoch %d", g.Name, cmd.From, cmd.To, g.Epoch))
@@ -839,5 +866,114 @@ func (s *State) join(c *Command, cmd *JoinCmd) error {
 	s.pruneTokens(c)
 	s.Nodes[n.ID] = n.clone()
 	s.event(c, SeverityInfo, "node-joined", n.ID, "", fmt.Sprintf("node %s joined as %s with token %s", n.ID, n.Role, t.ID))
+	return nil
+}
+
+// MaxGroupConns bounds the initiator connections recorded per group: a
+// tickle is one small packet each, and the entry must stay small.
+const MaxGroupConns = 256
+
+// hasVIP reports whether local ("addr:port") is on one of g's VIPs.
+func (g *Group) hasVIP(local string) bool {
+	ap, err := netip.ParseAddrPort(local)
+	if err != nil {
+		return false
+	}
+	for _, v := range g.VIPs {
+		if p, err := netip.ParsePrefix(v); err == nil && p.Addr() == ap.Addr() {
+			return true
+		}
+	}
+	return false
+}
+
+// validConns checks a connection set for g and returns it sorted.
+func validConns(g *Group, conns []InitiatorConn) ([]InitiatorConn, error) {
+	if len(conns) > MaxGroupConns {
+		return nil, invalidf("%d connections: at most %d", len(conns), MaxGroupConns)
+	}
+	out := make([]InitiatorConn, 0, len(conns))
+	for i, c := range conns {
+		l, err1 := netip.ParseAddrPort(c.Local)
+		r, err2 := netip.ParseAddrPort(c.Remote)
+		if err1 != nil || err2 != nil || l.Addr().Is4() != r.Addr().Is4() || l.Port() == 0 || r.Port() == 0 ||
+			l.Addr().Zone() != "" || r.Addr().Zone() != "" {
+			return nil, invalidf("conns[%d] %s: want IP:port pairs of one family", i, c)
+		}
+		if !g.hasVIP(c.Local) {
+			return nil, invalidf("conns[%d] %s: local address is not a VIP of group %s", i, c, g.Name)
+		}
+		// Canonical text, so equal sets compare equal.
+		out = append(out, InitiatorConn{Local: l.String(), Remote: r.String()})
+	}
+	slices.SortFunc(out, compareConns)
+	for i := 1; i < len(out); i++ {
+		if out[i] == out[i-1] {
+			return nil, invalidf("connection %s listed twice", out[i])
+		}
+	}
+	return out, nil
+}
+
+func compareConns(a, b InitiatorConn) int {
+	if c := strings.Compare(a.Local, b.Local); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Remote, b.Remote)
+}
+
+func (s *State) groupConns(cmd *GroupConnsCmd) error {
+	g, ok := s.Groups[cmd.Group]
+	if !ok {
+		return fmt.Errorf("%w: group %s", ErrNotFound, cmd.Group)
+	}
+	if g.Owner == "" || g.Owner != cmd.Node || g.Epoch != cmd.Epoch {
+		return fmt.Errorf("%w: %s at epoch %d (owner %q at %d)", ErrNotOwner, cmd.Node, cmd.Epoch, g.Owner, g.Epoch)
+	}
+	conns, err := validConns(g, cmd.Conns)
+	if err != nil {
+		return err
+	}
+	if len(conns) == 0 {
+		conns = nil
+	}
+	// No event: connections come and go with every login.
+	g.Conns = conns
+	return nil
+}
+
+func (s *State) groupMoveCancel(c *Command, cmd *GroupMoveCancelCmd) error {
+	g, ok := s.Groups[cmd.Group]
+	if !ok {
+		return fmt.Errorf("%w: group %s", ErrNotFound, cmd.Group)
+	}
+	if g.MovingTo == "" || g.MovingTo != cmd.Node {
+		return invalidf("group %s is not moving to %s", cmd.Group, cmd.Node)
+	}
+	if g.Owner == "" {
+		// Released: the grant completes the move; cancelling now would
+		// only leave the group unowned longer.
+		return fmt.Errorf("%w: group %s is already released", ErrInvalid, cmd.Group)
+	}
+	g.MovingTo = ""
+	s.event(c, SeverityAlert, "move-cancelled", g.Owner, g.Name,
+		fmt.Sprintf("move of group %s to %s cancelled: owner %s did not release it in time", g.Name, cmd.Node, g.Owner))
+	return nil
+}
+
+func (s *State) fenceConfirm(c *Command, cmd *FenceConfirmCmd) error {
+	if _, ok := s.Nodes[cmd.Node]; !ok {
+		return fmt.Errorf("%w: node %s", ErrNotFound, cmd.Node)
+	}
+	if cmd.Operator == "" || len(cmd.Operator) > 128 {
+		// An anonymous confirmation is refused: it powers a takeover.
+		return invalidf("the confirming operator must be named (1 to 128 bytes)")
+	}
+	if s.FenceConfirms == nil {
+		s.FenceConfirms = map[string]FenceConfirmation{}
+	}
+	s.FenceConfirms[cmd.Node] = FenceConfirmation{Node: cmd.Node, By: cmd.Operator, At: c.At}
+	s.event(c, SeverityAlert, "fence-confirmed", cmd.Node, "",
+		fmt.Sprintf("operator %s confirmed node %s is powered off", cmd.Operator, cmd.Node))
 	return nil
 }

@@ -66,6 +66,16 @@ func cFenceRec(node string, at time.Time, ok bool) *Command {
 	}
 	return &Command{Kind: KindFenceRecord, FenceRecord: &FenceRecordCmd{Record: fencing.Record{Time: at, Node: node, Level: 1, Device: "bmc-" + node, Action: "off", Outcome: out}}}
 }
+func cConns(g, n string, e uint64, conns ...InitiatorConn) *Command {
+	return &Command{Kind: KindGroupConns, GroupConns: &GroupConnsCmd{Group: g, Node: n, Epoch: e, Conns: conns}}
+}
+func cMoveCancel(g, n string) *Command {
+	return &Command{Kind: KindGroupMoveCancel, GroupMoveCancel: &GroupMoveCancelCmd{Group: g, Node: n}}
+}
+func cFenceConfirm(n, by string) *Command {
+	return &Command{Kind: KindFenceConfirm, FenceConfirm: &FenceConfirmCmd{Node: n, Operator: by}}
+}
+func ic(local, remote string) InitiatorConn { return InitiatorConn{Local: local, Remote: remote} }
 func cDevice(name, cfg string) *Command {
 	return &Command{Kind: KindFenceDevicePut, FenceDevicePut: &FenceDevicePutCmd{Name: name, Config: []byte(cfg)}}
 }
@@ -344,6 +354,65 @@ func TestApplyTable(t *testing.T) {
 		{name: "join unknown token", cmd: cJoin(hashB, "d", RoleStorage, "127.0.0.1:7010"), want: ErrToken},
 		{name: "join role mismatch", pre: []*Command{cToken(hashA, RoleWitness, t0.Add(time.Hour))}, cmd: cJoin(hashA, "d", RoleStorage, "127.0.0.1:7010"), want: ErrToken},
 		{name: "token issue expired", cmd: cToken(hashA, RoleStorage, t0), want: ErrInvalid},
+		// initiator connections
+		{name: "conns recorded sorted", cmd: cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000"), ic("192.0.2.10:3260", "198.51.100.7:40001")),
+			check: func(t *testing.T, s *State) {
+				want := []InitiatorConn{ic("192.0.2.10:3260", "198.51.100.7:40001"), ic("192.0.2.10:3260", "198.51.100.9:40000")}
+				if got := s.Groups["g1"].Conns; !slices.Equal(got, want) {
+					t.Fatalf("conns %v", got)
+				}
+			}},
+		{name: "conns replaced by empty set", pre: []*Command{cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000"))}, cmd: cConns("g1", "a", 1),
+			check: func(t *testing.T, s *State) {
+				if c := s.Groups["g1"].Conns; len(c) != 0 {
+					t.Fatalf("conns %v", c)
+				}
+			}},
+		{name: "conns from non-owner", cmd: cConns("g1", "b", 1, ic("192.0.2.10:3260", "198.51.100.9:40000")), want: ErrNotOwner},
+		{name: "conns at stale epoch", pre: []*Command{cRelease("g1", "a", 1), cGrant("g1", "a")}, cmd: cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000")), want: ErrNotOwner},
+		{name: "conns of released group", pre: []*Command{cRelease("g1", "a", 1)}, cmd: cConns("g1", "a", 1), want: ErrNotOwner},
+		{name: "conns unknown group", cmd: cConns("g9", "a", 1), want: ErrNotFound},
+		{name: "conns local not a vip", cmd: cConns("g1", "a", 1, ic("192.0.2.11:3260", "198.51.100.9:40000")), want: ErrInvalid},
+		{name: "conns bad address", cmd: cConns("g1", "a", 1, ic("192.0.2.10:3260", "nope")), want: ErrInvalid},
+		{name: "conns mixed families", cmd: cConns("g1", "a", 1, ic("192.0.2.10:3260", "[2001:db8::1]:4000")), want: ErrInvalid},
+		{name: "conns duplicate", cmd: cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000"), ic("192.0.2.10:3260", "198.51.100.9:40000")), want: ErrInvalid},
+		{name: "conns too many", cmd: func() *Command {
+			var cs []InitiatorConn
+			for i := range MaxGroupConns + 1 {
+				cs = append(cs, ic("192.0.2.10:3260", fmt.Sprintf("198.51.100.9:%d", 1000+i)))
+			}
+			return cConns("g1", "a", 1, cs...)
+		}(), want: ErrInvalid},
+		{name: "conns survive takeover for the new owner", pre: []*Command{cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000")), cFenceRec("a", t0.Add(time.Hour), true)},
+			cmd: cTakeover("g1", "a", "b", t0), check: func(t *testing.T, s *State) {
+				if g := s.Groups["g1"]; g.Owner != "b" || len(g.Conns) != 1 {
+					t.Fatalf("%+v", g)
+				}
+			}},
+		{name: "conns dropped with their vip", pre: []*Command{cConns("g1", "a", 1, ic("192.0.2.10:3260", "198.51.100.9:40000"))},
+			cmd: cGroup(Group{Name: "g1", VIPs: []string{"192.0.2.12/24"}, Targets: []string{iqn1}}), check: func(t *testing.T, s *State) {
+				if c := s.Groups["g1"].Conns; len(c) != 0 {
+					t.Fatalf("conns %v", c)
+				}
+			}},
+		// move cancel
+		{name: "move cancel", pre: []*Command{cMove("g1", "b")}, cmd: cMoveCancel("g1", "b"), check: func(t *testing.T, s *State) {
+			if g := s.Groups["g1"]; g.MovingTo != "" || g.Owner != "a" || s.Events[len(s.Events)-1].Kind != "move-cancelled" {
+				t.Fatalf("%+v", g)
+			}
+		}},
+		{name: "move cancel not moving", cmd: cMoveCancel("g1", "b"), want: ErrInvalid},
+		{name: "move cancel other target", pre: []*Command{cMove("g1", "b")}, cmd: cMoveCancel("g1", "c"), want: ErrInvalid},
+		{name: "move cancel after release", pre: []*Command{cMove("g1", "b"), cRelease("g1", "a", 1)}, cmd: cMoveCancel("g1", "b"), want: ErrInvalid},
+		{name: "move cancel unknown group", cmd: cMoveCancel("g9", "b"), want: ErrNotFound},
+		// manual fence confirmation
+		{name: "fence confirm", cmd: cFenceConfirm("a", "alice"), check: func(t *testing.T, s *State) {
+			if c := s.FenceConfirms["a"]; c.By != "alice" || c.At.IsZero() || s.Events[len(s.Events)-1].Kind != "fence-confirmed" {
+				t.Fatalf("%+v", c)
+			}
+		}},
+		{name: "fence confirm anonymous", cmd: cFenceConfirm("a", ""), want: ErrInvalid},
+		{name: "fence confirm unknown node", cmd: cFenceConfirm("zz", "alice"), want: ErrNotFound},
 		// malformed
 		{name: "unknown kind", cmd: &Command{Kind: kindEnd}, want: ErrInvalid},
 		{name: "missing payload", cmd: &Command{Kind: KindTakeover}, want: ErrInvalid},

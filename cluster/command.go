@@ -43,6 +43,9 @@ const (
 	KindMaintenance
 	KindTokenIssue
 	KindJoin
+	KindGroupConns
+	KindGroupMoveCancel
+	KindFenceConfirm
 	kindEnd
 )
 
@@ -52,6 +55,7 @@ var kindNames = [...]string{
 	"target-put", "target-delete", "group-put", "group-delete", "group-grant",
 	"group-move", "group-release", "takeover", "pr-save", "fence-device-put",
 	"fence-device-delete", "fence-record", "event", "maintenance", "token-issue", "join",
+	"group-conns", "group-move-cancel", "fence-confirm",
 }
 
 func (k Kind) String() string {
@@ -96,6 +100,9 @@ type Command struct {
 	Maintenance       *MaintenanceCmd
 	TokenIssue        *TokenIssueCmd
 	Join              *JoinCmd
+	GroupConns        *GroupConnsCmd
+	GroupMoveCancel   *GroupMoveCancelCmd
+	FenceConfirm      *FenceConfirmCmd
 }
 
 // NodeAddCmd registers a node (bootstrap or an operator; joins use JoinCmd).
@@ -229,6 +236,29 @@ type TokenIssueCmd struct {
 type JoinCmd struct {
 	Hash string
 	Node NodeInfo
+}
+
+// GroupConnsCmd is the owner recording the initiator connections that
+// reached the group's VIPs, so that the next owner can tickle them after a
+// takeover. Only the owner at the current group epoch may send it, and it
+// replaces the whole set (at most MaxGroupConns).
+type GroupConnsCmd struct {
+	Group, Node string
+	Epoch       uint64
+	Conns       []InitiatorConn
+}
+
+// GroupMoveCancelCmd withdraws a planned move to Node that the owner has
+// not released yet (the controller sends it when the owner never does).
+type GroupMoveCancelCmd struct {
+	Group, Node string
+}
+
+// FenceConfirmCmd is an operator confirming that Node is off (the manual
+// fence agent waits for it). Operator names who confirmed; the entry's At
+// is when.
+type FenceConfirmCmd struct {
+	Node, Operator string
 }
 
 // encodingVersion is the first byte of every encoded command and snapshot.

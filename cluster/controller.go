@@ -21,6 +21,7 @@ const (
 	DefaultFenceRetryMax  = 30 * time.Second
 	DefaultFenceTimeout   = 20 * time.Second
 	DefaultProposeTimeout = 5 * time.Second
+	DefaultMoveTimeout    = 10 * time.Second
 )
 
 // ControllerConfig tunes the controller. The zero value uses the defaults.
@@ -36,6 +37,9 @@ type ControllerConfig struct {
 	FenceRetryMin, FenceRetryMax time.Duration
 	// FenceTimeout bounds one fence attempt (every level).
 	FenceTimeout time.Duration
+	// MoveTimeout bounds a planned move: an owner that has not released
+	// the group by then keeps it, and the move is cancelled with an alert.
+	MoveTimeout time.Duration
 }
 
 func (c *ControllerConfig) setDefaults() {
@@ -49,6 +53,7 @@ func (c *ControllerConfig) setDefaults() {
 	def(&c.FenceRetryMin, DefaultFenceRetryMin)
 	def(&c.FenceRetryMax, DefaultFenceRetryMax)
 	def(&c.FenceTimeout, DefaultFenceTimeout)
+	def(&c.MoveTimeout, DefaultMoveTimeout)
 }
 
 // GroupPhase is where the controller is with one group.
@@ -61,6 +66,7 @@ func (c *ControllerConfig) setDefaults() {
 //	transferring ──takeover refused──▶ fencing or detecting
 //	placing ──grant committed──▶ detecting   (group without owner)
 //	moving ──owner released, grant committed──▶ detecting (planned)
+//	moving ──no release within MoveTimeout──▶ detecting (move cancelled, alert)
 //	any ──cluster maintenance──▶ paused ──maintenance off──▶ detecting
 type GroupPhase int
 
@@ -126,6 +132,9 @@ type nodeTrack struct {
 type groupTrack struct {
 	phase    GroupPhase
 	inFlight bool // a proposal for this group is pending
+	// The planned move being watched, and since when.
+	movingTo    string
+	movingSince time.Time
 }
 
 // ControllerCore is the controller as a pure state machine: fed heartbeats,
@@ -220,9 +229,20 @@ func (c *ControllerCore) alive(id string, now time.Time) bool {
 // storage nodes that are alive and in every ISR of the group, in the
 // group's preference order, then by id.
 func (c *ControllerCore) candidates(st *State, g *Group, now time.Time, exclude string) []string {
+	return Candidates(st, g.Name, exclude, func(id string) bool { return c.alive(id, now) })
+}
+
+// Candidates lists the nodes other than exclude that may own group, best
+// first: online storage nodes that alive reports alive and that are in
+// every ISR of the group, in the group's preference order, then by id.
+func Candidates(st *State, group, exclude string, alive func(node string) bool) []string {
+	g, ok := st.Groups[group]
+	if !ok {
+		return nil
+	}
 	var out []string
 	for _, id := range sortedKeys(st.Nodes) {
-		if id == exclude || !c.alive(id, now) || st.canOwn(g.Name, id) != nil {
+		if id == exclude || !alive(id) || st.canOwn(g.Name, id) != nil {
 			continue
 		}
 		out = append(out, id)
@@ -276,6 +296,11 @@ func (c *ControllerCore) Step(st *State, now time.Time) []Action {
 		if gt.inFlight {
 			continue
 		}
+		if g.MovingTo == "" || g.Owner == "" {
+			gt.movingTo, gt.movingSince = "", time.Time{}
+		} else if gt.movingTo != g.MovingTo {
+			gt.movingTo, gt.movingSince = g.MovingTo, now
+		}
 		if g.Owner == "" {
 			gt.phase = PhasePlacing
 			to := g.MovingTo
@@ -307,6 +332,13 @@ func (c *ControllerCore) Step(st *State, now time.Time) []Action {
 			gt.phase = PhaseDetecting
 			if g.MovingTo != "" {
 				gt.phase = PhaseMoving // the owner's agent drains and releases
+				if now.Sub(gt.movingSince) > c.cfg.MoveTimeout {
+					// The owner never released: it keeps the group (its
+					// agent serves again once moving_to is gone).
+					acts = append(acts, Action{Group: name, Propose: &Command{Kind: KindGroupMoveCancel, At: now,
+						GroupMoveCancel: &GroupMoveCancelCmd{Group: name, Node: g.MovingTo}}})
+					gt.inFlight = true
+				}
 				continue
 			}
 			if owner != nil && (owner.State == NodeStandby || owner.State == NodeMaintenance) {

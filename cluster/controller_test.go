@@ -647,3 +647,59 @@ func TestControllerOwnerIsLeader(t *testing.T) {
 		t.Fatal("old owner not fenced")
 	}
 }
+
+// TestCoreCancelsMoveNobodyReleases: an owner that stays alive but never
+// releases keeps its group; after MoveTimeout the controller cancels the
+// move (nothing is fenced), and a release in time is never cancelled.
+func TestCoreCancelsMoveNobodyReleases(t *testing.T) {
+	a := newApplier(t, fixtureCommands()...)
+	cfg := ControllerConfig{Self: "w", FailureTimeout: 800 * time.Millisecond, MoveTimeout: 2 * time.Second}
+	c := NewControllerCore(cfg, t0)
+	now := t0
+	step := func(d time.Duration) []Action {
+		now = now.Add(d)
+		c.Heartbeat("a", now)
+		c.Heartbeat("b", now)
+		return c.Step(a.st, now)
+	}
+	if acts := step(0); len(acts) != 0 {
+		t.Fatalf("%+v", acts)
+	}
+	if _, err := a.apply(cMove("g1", "b")); err != nil {
+		t.Fatal(err)
+	}
+	if acts := step(0); len(acts) != 0 {
+		t.Fatalf("%+v", acts)
+	}
+	for range 4 {
+		if acts := step(500 * time.Millisecond); len(acts) != 0 || c.Phase("g1") != PhaseMoving {
+			t.Fatalf("before the timeout: %+v phase %s", acts, c.Phase("g1"))
+		}
+	}
+	acts := step(100 * time.Millisecond)
+	if len(acts) != 1 || acts[0].Propose == nil || acts[0].Propose.Kind != KindGroupMoveCancel || acts[0].Propose.GroupMoveCancel.Node != "b" || acts[0].Fence != "" {
+		t.Fatalf("want a move cancel, got %+v", acts)
+	}
+	if _, err := a.apply(acts[0].Propose); err != nil {
+		t.Fatal(err)
+	}
+	c.ProposeDone("g1", acts[0].Propose, nil)
+	if acts := step(100 * time.Millisecond); len(acts) != 0 || a.st.Groups["g1"].Owner != "a" || c.Phase("g1") != PhaseDetecting {
+		t.Fatalf("after cancel: %+v %+v", acts, a.st.Groups["g1"])
+	}
+	// A new move gets its own full timeout, and a release in time is
+	// granted, not cancelled.
+	if _, err := a.apply(cMove("g1", "b")); err != nil {
+		t.Fatal(err)
+	}
+	if acts := step(1900 * time.Millisecond); len(acts) != 0 {
+		t.Fatalf("%+v", acts)
+	}
+	if _, err := a.apply(cRelease("g1", "a", 1)); err != nil {
+		t.Fatal(err)
+	}
+	acts = step(time.Second)
+	if len(acts) != 1 || acts[0].Propose.Kind != KindGroupGrant || acts[0].Propose.GroupGrant.Node != "b" {
+		t.Fatalf("want the grant to b, got %+v", acts)
+	}
+}

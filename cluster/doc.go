@@ -44,9 +44,11 @@
 // the confirmation. SelfDemotion drops a storage node's VIPs and sessions
 // once its quorum lease (shorter than the failure timeout) runs out.
 //
-// Agent is the node agent (a skeleton over LocalVIPs, LocalTargets and
+// Agent is the node agent (over LocalVIPs, LocalTargets and
 // LocalReplicas): it reconciles local resources with the state, drains and
-// releases on a planned move, and is the Demoter.
+// releases on a planned move, records the owner's initiator connections
+// and tickles them after each acquisition, hands groups over on a graceful
+// stop, and is the Demoter.
 //
 // docs/cluster.md describes the state model, the commands, the
 // controller's phases and the timeouts.

@@ -221,7 +221,7 @@ func TestRandomCommandSequences(t *testing.T) {
 	defer func() {
 		// The generator must reach the interesting transitions, or the
 		// invariants are checked on nothing.
-		for _, k := range []Kind{KindTakeover, KindGroupGrant, KindGroupRelease, KindISRRemove, KindISRAdd, KindGroupMove} {
+		for _, k := range []Kind{KindTakeover, KindGroupGrant, KindGroupRelease, KindISRRemove, KindISRAdd, KindGroupMove, KindGroupConns, KindGroupMoveCancel} {
 			if ok[k] == 0 && !t.Failed() {
 				t.Errorf("no successful %s in any sequence", k)
 			}
@@ -296,6 +296,17 @@ func TestRandomCommandSequences(t *testing.T) {
 						fail("group %s owner %s but volume %s primary %s", name, g.Owner, uuid, s.Volumes[uuid].Primary)
 					}
 				}
+				if len(g.Conns) > MaxGroupConns {
+					fail("group %s records %d connections", name, len(g.Conns))
+				}
+				for _, c := range g.Conns {
+					if !g.hasVIP(c.Local) {
+						fail("group %s records %s, not on its VIPs %v", name, c, g.VIPs)
+					}
+				}
+				if og, ok := before.Groups[name]; ok && c.Kind == KindGroupConns && err == nil && c.GroupConns.Group == name && (og.Owner != c.GroupConns.Node || og.Epoch != c.GroupConns.Epoch) {
+					fail("group-conns accepted from %s at epoch %d (owner %s at %d)", c.GroupConns.Node, c.GroupConns.Epoch, og.Owner, og.Epoch)
+				}
 				if g.Owner != "" {
 					n := s.Nodes[g.Owner]
 					if n == nil || n.State == NodeFenced || n.Role != RoleStorage {
@@ -336,7 +347,11 @@ func randomCommand(rng *rand.Rand, a *applier) *Command {
 		}
 		return pick(nodes)
 	}
-	switch rng.IntN(16) {
+	k := rng.IntN(16)
+	if rng.IntN(8) == 0 {
+		k = 16 + rng.IntN(3)
+	}
+	switch k {
 	case 0:
 		return cSetState(pick(nodes), []NodeState{NodeOnline, NodeStandby, NodeMaintenance, NodeFenced}[rng.IntN(4)])
 	case 1:
@@ -391,6 +406,26 @@ func randomCommand(rng *rand.Rand, a *applier) *Command {
 		return &Command{Kind: KindTargetDelete, TargetDelete: &TargetDeleteCmd{IQN: pick(iqns)}}
 	case 14:
 		return &Command{Kind: KindGroupDelete, GroupDelete: &GroupDeleteCmd{Name: pick(groups)}}
+	case 16:
+		g := pick(groups)
+		owner, e := pick(nodes), uint64(rng.IntN(3))
+		if gg, ok := a.st.Groups[g]; ok && rng.IntN(3) > 0 {
+			owner, e = gg.Owner, gg.Epoch
+		}
+		var conns []InitiatorConn
+		for range rng.IntN(4) {
+			conns = append(conns, ic(fmt.Sprintf("192.0.2.%d:3260", 10+rng.IntN(3)), fmt.Sprintf("198.51.100.%d:%d", rng.IntN(3), 40000+rng.IntN(3))))
+		}
+		return cConns(g, owner, e, conns...)
+	case 17:
+		g := pick(groups)
+		to := pick(nodes)
+		if gg, ok := a.st.Groups[g]; ok && rng.IntN(2) > 0 {
+			to = gg.MovingTo
+		}
+		return cMoveCancel(g, to)
+	case 18:
+		return cFenceConfirm(pick(nodes), []string{"", "alice"}[rng.IntN(2)])
 	default:
 		if rng.IntN(4) > 0 {
 			return cSetState(pick(nodes), NodeOnline)

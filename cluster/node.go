@@ -25,6 +25,10 @@ import (
 // that is no longer leader. Callers retry.
 var ErrNotLeader = errors.New("cluster: no leader")
 
+// ErrForbidden: a forwarded proposal came from a certificate that is
+// neither a node of the cluster nor an admin certificate.
+var ErrForbidden = errors.New("cluster: proposer is not a cluster member")
+
 // Defaults of NodeConfig. The raft timeouts are well under a second so a
 // lost leader is replaced within the 2 s failover budget.
 const (
@@ -56,6 +60,13 @@ type NodeConfig struct {
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// HeartbeatInterval is how often a node tells the leader it is alive.
 	HeartbeatInterval time.Duration
+
+	// ForwardFromAnyCert makes the leader accept forwarded proposals from
+	// any certificate the cluster CA signed. By default only the nodes in
+	// the state and admin certificates (CA.IssueAdmin) may propose: a
+	// certificate issued for a node that was never joined, or was
+	// removed, cannot change the cluster.
+	ForwardFromAnyCert bool
 
 	Clock  Clock
 	Logger *slog.Logger
@@ -362,7 +373,16 @@ func (n *Node) serveForward(c net.Conn) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	v, err := n.ApplyForwarded(ctx, req.Cmd)
+	var (
+		v   any
+		err error
+	)
+	if n.forwardAllowed(c, peer) {
+		v, err = n.ApplyForwarded(ctx, req.Cmd)
+	} else {
+		err = fmt.Errorf("%w: certificate %q is neither a node nor an admin", ErrForbidden, peer)
+		n.log.Warn("cluster: forwarded proposal refused", "peer", peer, "err", err)
+	}
 	resp := forwardResponse{Value: v}
 	if err != nil {
 		resp.Code, resp.Msg = errorCode(err), err.Error()
@@ -370,6 +390,17 @@ func (n *Node) serveForward(c net.Conn) {
 	if err := gob.NewEncoder(c).Encode(resp); err != nil {
 		n.log.Warn("cluster: forward reply", "peer", peer, "err", err)
 	}
+}
+
+// forwardAllowed: the peer's certificate names a node of the state (as
+// this leader has applied it) or is an admin certificate.
+func (n *Node) forwardAllowed(c net.Conn, peer string) bool {
+	if n.cfg.ForwardFromAnyCert || PeerIsAdmin(c) {
+		return true
+	}
+	member := false
+	n.fsm.Read(func(s *State) { _, member = s.Nodes[peer] })
+	return member
 }
 
 // serveHeartbeat reads one byte per beat from a peer whose identity is its
@@ -490,6 +521,32 @@ func (n *Node) runHeartbeats(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// TransferLeadership hands Raft leadership to another voter, so a leader
+// that stops on purpose leaves no election gap behind. It is a no-op on a
+// follower.
+func (n *Node) TransferLeadership(ctx context.Context) error {
+	if !n.IsLeader() {
+		return nil
+	}
+	f := n.raft.LeadershipTransfer()
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("cluster: leadership transfer: %w", err)
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	// Return once another node leads: shutting raft down while the
+	// hand-over is still settling has been seen to hang its shutdown.
+	return waitFor(ctx, func() bool {
+		_, id := n.raft.LeaderWithID()
+		return id != "" && string(id) != n.cfg.ID
+	})
 }
 
 // AddVoter adds a voting member (storage or witness). Only the leader can.

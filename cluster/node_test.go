@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"crypto/tls"
+	"encoding/gob"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -81,12 +82,16 @@ func newTLSCluster(t *testing.T, ids ...string) *tlsCluster {
 		if err := first.AddVoter(ctx, id, string(n.Addr())); err != nil {
 			t.Fatal(err)
 		}
-		// Registered through the follower: exercises forwarding.
+		// Registered by the leader (as a join is); then a proposal through
+		// the follower exercises forwarding, which needs membership.
+		if _, err := first.Propose(ctx, cNodeAdd(id, role, string(n.Addr()))); err != nil {
+			t.Fatalf("register %s: %v", id, err)
+		}
 		if err := waitFor(ctx, func() bool { a, _ := n.raft.LeaderWithID(); return a != "" }); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := n.Propose(ctx, cNodeAdd(id, role, string(n.Addr()))); err != nil {
-			t.Fatalf("register %s: %v", id, err)
+		if _, err := n.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{Kind: "test", Node: id, Message: "forwarded"}}}); err != nil {
+			t.Fatalf("forward from %s: %v", id, err)
 		}
 	}
 	return c
@@ -205,6 +210,93 @@ func TestTLSRefusesStrangers(t *testing.T) {
 	}
 	if err == nil {
 		t.Fatal("client without certificate was served")
+	}
+}
+
+// forwardAs sends one forwarded proposal to addr with cfg's certificate,
+// as a follower (or an operator's tool) would.
+func forwardAs(ctx context.Context, cfg *tls.Config, addr string, c *Command) error {
+	d := &tls.Dialer{Config: cfg}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte{tagForward}); err != nil {
+		return err
+	}
+	b, err := c.Encode()
+	if err != nil {
+		return err
+	}
+	if err := gob.NewEncoder(conn).Encode(forwardRequest{Cmd: b}); err != nil {
+		return err
+	}
+	var resp forwardResponse
+	if err := gob.NewDecoder(conn).Decode(&resp); err != nil {
+		return err
+	}
+	return errorFromWire(resp.Code, resp.Msg)
+}
+
+// TestForwardChecksMembership: a certificate the cluster CA signed is not
+// enough to change the state: the leader takes forwarded proposals only
+// from nodes of the state and from admin certificates.
+func TestForwardChecksMembership(t *testing.T) {
+	c := newTLSCluster(t, "a", "b")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := c.leader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := func(msg string) *Command {
+		return &Command{Kind: KindEvent, At: time.Now(), Event: &EventCmd{Event: Event{Kind: "test", Message: msg}}}
+	}
+	count := func(msg string) int {
+		n := 0
+		for _, e := range l.FSM().State().Events {
+			if e.Message == msg {
+				n++
+			}
+		}
+		return n
+	}
+	// A stranger with a CA-signed node certificate is refused, and
+	// nothing is applied.
+	err = forwardAs(ctx, nodeTLS(t, c.ca, "mallory"), string(l.Addr()), ev("from mallory"))
+	if !errors.Is(err, ErrForbidden) {
+		t.Fatalf("stranger's proposal: %v, want ErrForbidden", err)
+	}
+	if count("from mallory") != 0 {
+		t.Fatal("a stranger's proposal was applied")
+	}
+	// A member's certificate is accepted (b is in the state).
+	if err := forwardAs(ctx, nodeTLS(t, c.ca, "b"), string(l.Addr()), ev("from b")); err != nil {
+		t.Fatalf("member: %v", err)
+	}
+	// An admin certificate is accepted though it names no node.
+	cert, key, err := c.ca.IssueAdmin("e2e-harness", time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := TLSConfig(c.ca.CertPEM, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := forwardAs(ctx, admin, string(l.Addr()), ev("from admin")); err != nil {
+		t.Fatalf("admin: %v", err)
+	}
+	if count("from b") != 1 || count("from admin") != 1 {
+		t.Fatal("accepted proposals not applied")
+	}
+	// A removed node loses the right with its membership.
+	if _, err := l.Propose(ctx, &Command{Kind: KindNodeRemove, NodeRemove: &NodeRemoveCmd{ID: "b"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := forwardAs(ctx, nodeTLS(t, c.ca, "b"), string(l.Addr()), ev("from removed b")); !errors.Is(err, ErrForbidden) {
+		t.Fatalf("removed node: %v, want ErrForbidden", err)
 	}
 }
 

@@ -138,7 +138,20 @@ type Group struct {
 	// MovingTo is set between the start of a planned move and the grant to
 	// the new owner.
 	MovingTo string `json:"moving_to,omitempty"`
+	// Conns are the initiator connections the owner last reported on the
+	// group's VIPs, sorted. They outlive a change of owner: the new owner
+	// tickles them so initiators reconnect at once.
+	Conns []InitiatorConn `json:"conns,omitempty"`
 }
+
+// InitiatorConn is one initiator TCP connection to a VIP, as "IP:port"
+// texts (netip.AddrPort form).
+type InitiatorConn struct {
+	Local  string `json:"local"`  // VIP:port
+	Remote string `json:"remote"` // initiator's IP:port
+}
+
+func (c InitiatorConn) String() string { return c.Remote + "->" + c.Local }
 
 // FenceDevice is a fence device's configuration. Config is the device's
 // fencing.DeviceConfig as JSON with its secrets in clear, so it is kept out
@@ -202,6 +215,14 @@ type Token struct {
 	Used    bool      `json:"used"`
 }
 
+// FenceConfirmation is an operator's statement, committed in the log,
+// that a node is powered off.
+type FenceConfirmation struct {
+	Node string    `json:"node"`
+	By   string    `json:"by"`
+	At   time.Time `json:"at"`
+}
+
 // Bounds of the logs kept in the state.
 const (
 	MaxEvents       = 512
@@ -222,19 +243,24 @@ type State struct {
 	EventSeq     uint64                  `json:"event_seq"`
 	Tokens       map[string]*Token       `json:"tokens"` // by hash
 	Maintenance  bool                    `json:"maintenance"`
-	Index        uint64                  `json:"index"` // last applied raft index
+	// FenceConfirms holds, per node, the last operator confirmation that
+	// it is off; the manual fence device waits for one made after its
+	// request.
+	FenceConfirms map[string]FenceConfirmation `json:"fence_confirmations,omitempty"`
+	Index         uint64                       `json:"index"` // last applied raft index
 }
 
 // NewState returns an empty state.
 func NewState() *State {
 	return &State{
-		Nodes:        map[string]*NodeInfo{},
-		Volumes:      map[string]*Volume{},
-		Targets:      map[string]*Target{},
-		Groups:       map[string]*Group{},
-		PR:           map[string]scsi.PRState{},
-		FenceDevices: map[string]*FenceDevice{},
-		Tokens:       map[string]*Token{},
+		Nodes:         map[string]*NodeInfo{},
+		Volumes:       map[string]*Volume{},
+		Targets:       map[string]*Target{},
+		Groups:        map[string]*Group{},
+		PR:            map[string]scsi.PRState{},
+		FenceDevices:  map[string]*FenceDevice{},
+		Tokens:        map[string]*Token{},
+		FenceConfirms: map[string]FenceConfirmation{},
 	}
 }
 
@@ -261,23 +287,27 @@ func (s *State) normalize() {
 	if s.Tokens == nil {
 		s.Tokens = map[string]*Token{}
 	}
+	if s.FenceConfirms == nil {
+		s.FenceConfirms = map[string]FenceConfirmation{}
+	}
 }
 
 // Clone returns a deep copy.
 func (s *State) Clone() *State {
 	c := &State{
-		Nodes:        make(map[string]*NodeInfo, len(s.Nodes)),
-		Volumes:      make(map[string]*Volume, len(s.Volumes)),
-		Targets:      make(map[string]*Target, len(s.Targets)),
-		Groups:       make(map[string]*Group, len(s.Groups)),
-		PR:           make(map[string]scsi.PRState, len(s.PR)),
-		FenceDevices: make(map[string]*FenceDevice, len(s.FenceDevices)),
-		Tokens:       make(map[string]*Token, len(s.Tokens)),
-		FenceHistory: slices.Clone(s.FenceHistory),
-		Events:       slices.Clone(s.Events),
-		EventSeq:     s.EventSeq,
-		Maintenance:  s.Maintenance,
-		Index:        s.Index,
+		Nodes:         make(map[string]*NodeInfo, len(s.Nodes)),
+		Volumes:       make(map[string]*Volume, len(s.Volumes)),
+		Targets:       make(map[string]*Target, len(s.Targets)),
+		Groups:        make(map[string]*Group, len(s.Groups)),
+		PR:            make(map[string]scsi.PRState, len(s.PR)),
+		FenceDevices:  make(map[string]*FenceDevice, len(s.FenceDevices)),
+		Tokens:        make(map[string]*Token, len(s.Tokens)),
+		FenceHistory:  slices.Clone(s.FenceHistory),
+		FenceConfirms: maps.Clone(s.FenceConfirms),
+		Events:        slices.Clone(s.Events),
+		EventSeq:      s.EventSeq,
+		Maintenance:   s.Maintenance,
+		Index:         s.Index,
 	}
 	for k, n := range s.Nodes {
 		c.Nodes[k] = n.clone()
@@ -342,6 +372,7 @@ func (g *Group) clone() *Group {
 	c.VIPs = slices.Clone(g.VIPs)
 	c.Targets = slices.Clone(g.Targets)
 	c.Preferred = slices.Clone(g.Preferred)
+	c.Conns = slices.Clone(g.Conns)
 	return &c
 }
 

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"slices"
 	"strings"
 	"time"
 )
@@ -72,6 +73,21 @@ func LoadCA(certPEM, keyPEM []byte) (*CA, error) {
 
 // Issue signs a certificate for node id, usable as TLS server and client.
 func (ca *CA) Issue(id string, now time.Time, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+	return ca.issue(id, nil, now, validity)
+}
+
+// AdminOU marks an operator's certificate (IssueAdmin). Only the CA can
+// put it there, so a node cannot claim it.
+const AdminOU = "hasan-admin"
+
+// IssueAdmin signs an operator's certificate: name is its CN, which must
+// not be a node id; the AdminOU lets it forward proposals to the leader
+// without being a member of the cluster.
+func (ca *CA) IssueAdmin(name string, now time.Time, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+	return ca.issue(name, []string{AdminOU}, now, validity)
+}
+
+func (ca *CA) issue(id string, ou []string, now time.Time, validity time.Duration) (certPEM, keyPEM []byte, err error) {
 	if err := validID("node id", id); err != nil {
 		return nil, nil, err
 	}
@@ -81,7 +97,7 @@ func (ca *CA) Issue(id string, now time.Time, validity time.Duration) (certPEM, 
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: randomSerial(),
-		Subject:      pkix.Name{CommonName: id, Organization: []string{"hasan"}},
+		Subject:      pkix.Name{CommonName: id, Organization: []string{"hasan"}, OrganizationalUnit: ou},
 		DNSNames:     []string{clusterServerName, id},
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(validity),
@@ -128,6 +144,20 @@ func PeerID(c net.Conn) (string, error) {
 		return "", errors.New("cluster: peer not verified")
 	}
 	return cs.PeerCertificates[0].Subject.CommonName, nil
+}
+
+// PeerIsAdmin reports whether a verified TLS peer presented an admin
+// certificate (IssueAdmin).
+func PeerIsAdmin(c net.Conn) bool {
+	tc, ok := c.(interface{ ConnectionState() tls.ConnectionState })
+	if !ok {
+		return false
+	}
+	cs := tc.ConnectionState()
+	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
+		return false
+	}
+	return slices.Contains(cs.PeerCertificates[0].Subject.OrganizationalUnit, AdminOU)
 }
 
 func parseCert(p []byte) (*x509.Certificate, error) {

@@ -222,7 +222,7 @@ var wireErrors = map[string]error{
 	"group-owned": ErrGroupOwned, "owner-differ": ErrOwnerDiffer, "decode": ErrDecode, "not-leader": ErrNotLeader,
 	"stale-epoch": replication.ErrStaleEpoch, "not-primary": replication.ErrNotPrimary,
 	"not-caught-up": replication.ErrNotCaughtUp, "not-in-isr": replication.ErrNotInISR,
-	"unknown-volume": replication.ErrUnknownVolume,
+	"unknown-volume": replication.ErrUnknownVolume, "forbidden": ErrForbidden,
 }
 
 func errorCode(err error) string {

@@ -114,6 +114,53 @@ func (s *NodeService) SetMaintenance(ctx context.Context, on bool) error {
 	return err
 }
 
+// RemoveNode implements Service. The state goes first: node-remove is
+// where the cluster checks the node is empty, and a node that is out of
+// the state but still a Raft member (the removal failed half way) is
+// finished by calling again.
+func (s *NodeService) RemoveNode(ctx context.Context, id string) error {
+	if id == s.n.ID() {
+		return invalid("id", "node %s is the one answering this request: remove it through another node's API", id)
+	}
+	if !s.n.IsLeader() {
+		// Raft membership changes run on the leader only, and a follower
+		// forwards proposals but not configuration changes.
+		return &NotLeaderError{LeaderAPI: s.leaderAPI(),
+			Err: fmt.Errorf("%w: removing a node runs on the leader", cluster.ErrNotLeader)}
+	}
+	var inState bool
+	s.n.FSM().Read(func(st *cluster.State) { _, inState = st.Nodes[id] })
+	inRaft, err := s.raftMember(id)
+	if err != nil {
+		return err
+	}
+	if !inState && !inRaft {
+		return errNoSuch("node", id)
+	}
+	if inState {
+		if _, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindNodeRemove, NodeRemove: &cluster.NodeRemoveCmd{ID: id}}); err != nil {
+			return err
+		}
+	}
+	if inRaft {
+		return s.n.RemoveServer(ctx, id)
+	}
+	return nil
+}
+
+func (s *NodeService) raftMember(id string) (bool, error) {
+	f := s.n.Raft().GetConfiguration()
+	if err := f.Error(); err != nil {
+		return false, fmt.Errorf("webui: raft configuration: %w", err)
+	}
+	for _, srv := range f.Configuration().Servers {
+		if string(srv.ID) == id {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // Volumes implements Service.
 func (s *NodeService) Volumes(ctx context.Context) ([]cluster.Volume, error) {
 	st := s.n.FSM().State()
@@ -289,6 +336,84 @@ func (s *NodeService) CreateGroup(ctx context.Context, g cluster.Group) error {
 // MoveGroup implements Service.
 func (s *NodeService) MoveGroup(ctx context.Context, group, node string) error {
 	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindGroupMove, GroupMove: &cluster.GroupMoveCmd{Group: group, Node: node}})
+	return err
+}
+
+// FenceDevices implements Service.
+func (s *NodeService) FenceDevices(ctx context.Context) ([]cluster.FenceDevice, error) {
+	st := s.n.FSM().State()
+	out := make([]cluster.FenceDevice, 0, len(st.FenceDevices))
+	for _, name := range slices.Sorted(maps.Keys(st.FenceDevices)) {
+		out = append(out, *st.FenceDevices[name])
+	}
+	return out, nil
+}
+
+// FenceDevice implements Service.
+func (s *NodeService) FenceDevice(ctx context.Context, name string) (cluster.FenceDevice, error) {
+	var (
+		d  cluster.FenceDevice
+		ok bool
+	)
+	s.n.FSM().Read(func(st *cluster.State) {
+		var p *cluster.FenceDevice
+		if p, ok = st.FenceDevices[name]; ok {
+			d = *p
+			d.Config = slices.Clone(p.Config)
+		}
+	})
+	if !ok {
+		return cluster.FenceDevice{}, errNoSuch("fence device", name)
+	}
+	return d, nil
+}
+
+// PutFenceDevice implements Service.
+func (s *NodeService) PutFenceDevice(ctx context.Context, name string, config []byte) error {
+	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindFenceDevicePut,
+		FenceDevicePut: &cluster.FenceDevicePutCmd{Name: name, Config: slices.Clone(config)}})
+	return err
+}
+
+// DeleteFenceDevice implements Service.
+func (s *NodeService) DeleteFenceDevice(ctx context.Context, name string) error {
+	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindFenceDeviceDelete,
+		FenceDeviceDelete: &cluster.FenceDeviceDeleteCmd{Name: name}})
+	return err
+}
+
+// SetNodeFence implements Service. The cluster refuses a level naming an
+// unknown device as invalid; the check here, on the local replica, makes
+// it a not-found naming the device for the operator. A device deleted
+// between the check and the commit still gets the cluster's refusal.
+func (s *NodeService) SetNodeFence(ctx context.Context, id string, topo fencing.NodeTopology) error {
+	var missing string
+	var nodeKnown bool
+	s.n.FSM().Read(func(st *cluster.State) {
+		_, nodeKnown = st.Nodes[id]
+		for _, lvl := range topo.Levels {
+			for _, d := range lvl {
+				if _, ok := st.FenceDevices[d]; !ok && missing == "" {
+					missing = d
+				}
+			}
+		}
+	})
+	if !nodeKnown {
+		return errNoSuch("node", id)
+	}
+	if missing != "" {
+		return errNoSuch("fence device", missing)
+	}
+	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindNodeSetFence,
+		NodeSetFence: &cluster.NodeSetFenceCmd{ID: id, Topology: topo}})
+	return err
+}
+
+// ConfirmFence implements Service.
+func (s *NodeService) ConfirmFence(ctx context.Context, node, operator string) error {
+	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindFenceConfirm,
+		FenceConfirm: &cluster.FenceConfirmCmd{Node: node, Operator: operator}})
 	return err
 }
 

@@ -2,6 +2,7 @@ package webui
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -123,5 +124,119 @@ func TestNodeServiceEndToEnd(t *testing.T) {
 	w := do(t, h, "GET", "/metrics", "")
 	if !strings.Contains(w.Body.String(), `hasan_volumes 1`) || !strings.Contains(w.Body.String(), `hasan_raft_state{state="Leader"} 1`) {
 		t.Errorf("metrics:\n%s", w.Body)
+	}
+}
+
+// TestNodeServiceFence drives the fence routes through Raft: the secret is
+// stored in clear in the state (the fencer needs it) and never returned.
+func TestNodeServiceFence(t *testing.T) {
+	n := newClusterNode(t)
+	s := newTestServer(t, NewNodeService(n), Config{})
+	h := s.Handler()
+	var bodies []string
+	must := func(method, path, body string, status int) string {
+		t.Helper()
+		w := do(t, h, method, path, body)
+		if w.Code != status {
+			t.Fatalf("%s %s: %d, want %d: %s", method, path, w.Code, status, w.Body)
+		}
+		bodies = append(bodies, w.Body.String())
+		return w.Body.String()
+	}
+	const secret = "raft-bmc-password-1"
+	must("PUT", "/api/v1/fence-devices/bmc-n1", `{"type":"ipmi","timeout":"5s","ipmi":{"host":"127.0.0.1","user":"fence","password":"`+secret+`"}}`, 200)
+	must("PUT", "/api/v1/fence-devices/ops", `{"type":"manual","manual":{"node":"n1"}}`, 200)
+	must("PUT", "/api/v1/nodes/n1/fence", `{"levels":[["bmc-n1"],["ops"]]}`, 204)
+	must("PUT", "/api/v1/nodes/n1/fence", `{"levels":[["ghost"]]}`, 404)
+	must("PUT", "/api/v1/nodes/n9/fence", `{"levels":[["ops"]]}`, 404)
+	must("DELETE", "/api/v1/fence-devices/ops", "", 409)
+	must("DELETE", "/api/v1/fence-devices/ghost", "", 404)
+
+	var devs []deviceOut
+	mustJSON(t, must("GET", "/api/v1/fence-devices", "", 200), &devs)
+	if len(devs) != 2 || devs[0].Name != "bmc-n1" || devs[0].section("ipmi")["password"] != "[redacted]" || !slices.Equal(devs[1].UsedBy, []string{"n1"}) {
+		t.Fatalf("devices %+v", devs)
+	}
+	var nd cluster.NodeInfo
+	mustJSON(t, must("GET", "/api/v1/nodes/n1", "", 200), &nd)
+	if len(nd.Fence.Levels) != 2 || nd.Fence.Levels[1][0] != "ops" {
+		t.Fatalf("topology %+v", nd.Fence)
+	}
+	// Replace the topology, then the device is free to go.
+	must("PUT", "/api/v1/nodes/n1/fence", `{"action":"reboot","levels":[["bmc-n1"]]}`, 204)
+	must("DELETE", "/api/v1/fence-devices/ops", "", 204)
+	must("GET", "/api/v1/fence-devices/ops", "", 404)
+	must("GET", "/api/v1/cluster", "", 200)
+	must("POST", "/api/v1/nodes/n1/fence-confirm", `{"operator":"alice"}`, 204)
+	must("POST", "/api/v1/nodes/n7/fence-confirm", `{"operator":"alice"}`, 404)
+	if got := n.FSM().State().FenceConfirms["n1"]; got.By != "alice" || got.At.IsZero() {
+		t.Fatalf("confirmation in the state: %+v", got)
+	}
+	if ev := must("GET", "/api/v1/events?limit=100", "", 200); !strings.Contains(ev, "alice confirmed node n1") {
+		t.Errorf("no confirmation event: %s", ev)
+	}
+
+	for _, b := range bodies {
+		if strings.Contains(b, secret) {
+			t.Fatalf("secret returned: %s", b)
+		}
+	}
+	d, err := NewNodeService(n).FenceDevice(context.Background(), "bmc-n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc, err := d.DeviceConfig()
+	if err != nil || dc.IPMI.Password.Reveal() != secret || time.Duration(dc.Timeout) != 5*time.Second {
+		t.Fatalf("stored device %+v %v", dc.IPMI, err)
+	}
+}
+
+// TestNodeServiceRemoveNode removes nodes through Raft: from the state and
+// from the Raft configuration, refusing busy nodes and the answering node.
+func TestNodeServiceRemoveNode(t *testing.T) {
+	n := newClusterNode(t)
+	s := newTestServer(t, NewNodeService(n), Config{})
+	h := s.Handler()
+	must := func(method, path, body string, status int) string {
+		t.Helper()
+		w := do(t, h, method, path, body)
+		if w.Code != status {
+			t.Fatalf("%s %s: %d, want %d: %s", method, path, w.Code, status, w.Body)
+		}
+		return w.Body.String()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	add := func(id string, role cluster.Role, raftAddr string) {
+		t.Helper()
+		if _, err := n.Propose(ctx, &cluster.Command{Kind: cluster.KindNodeAdd, NodeAdd: &cluster.NodeAddCmd{
+			Node: cluster.NodeInfo{ID: id, Role: role, RaftAddr: raftAddr}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// w9 is in the state and a Raft non-voter (a voter that never answers
+	// would cost this one-node cluster its quorum).
+	add("w9", cluster.RoleWitness, "127.0.0.1:1")
+	if err := n.Raft().AddNonvoter("w9", "127.0.0.1:1", 0, 5*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	add("n2", cluster.RoleStorage, "127.0.0.1:2")
+	must("POST", "/api/v1/volumes", `{"name":"db","size":8388608,"replicas":["n1","n2"]}`, 201)
+
+	if eb := decodeErr(t, do(t, h, "DELETE", "/api/v1/nodes/n1", "")); eb.Field != "id" {
+		t.Errorf("removing the answering node: %+v", eb)
+	}
+	must("DELETE", "/api/v1/nodes/n1", "", 400)
+	must("DELETE", "/api/v1/nodes/n2", "", 409) // holds a replica
+	must("DELETE", "/api/v1/nodes/ghost", "", 404)
+	must("DELETE", "/api/v1/nodes/w9", "", 204)
+	must("GET", "/api/v1/nodes/w9", "", 404)
+	inRaft, err := NewNodeService(n).raftMember("w9")
+	if err != nil || inRaft {
+		t.Fatalf("w9 still in the raft configuration (%v, %v)", inRaft, err)
+	}
+	must("DELETE", "/api/v1/nodes/w9", "", 404)
+	if _, ok := n.FSM().State().Nodes["n2"]; !ok {
+		t.Fatal("refused removal changed the state")
 	}
 }

@@ -2,6 +2,7 @@ package webui
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"slices"
@@ -33,7 +34,11 @@ func newFake() *fakeService {
 	st.Groups["g1"] = &cluster.Group{Name: "g1", VIPs: []string{"192.0.2.10/24"}, Targets: []string{"iqn.2026-01.io.hasan:t1"}, Owner: "n1", Epoch: 2}
 	st.FenceHistory = []fencing.Record{{Node: "n1", Device: "ipmi1", Action: "off", Outcome: "ok"}, {Node: "n2", Device: "ipmi2", Action: "off", Outcome: "ok"}}
 	st.Events = []cluster.Event{{Seq: 1, Kind: "a", Message: "first"}, {Seq: 2, Kind: "b", Message: "second"}}
-	return &fakeService{st: st}
+	f := &fakeService{st: st}
+	f.addDevice("bmc1", `{"type":"ipmi","ipmi":{"host":"10.0.0.11","user":"fence","password":"`+fakeDeviceSecret+`"}}`)
+	f.addDevice("spare", `{"type":"manual","manual":{"node":"n1"}}`)
+	st.Nodes["n1"].Fence = fencing.NodeTopology{Levels: [][]string{{"bmc1"}}}
+	return f
 }
 
 func (f *fakeService) begin(name string) error {
@@ -107,6 +112,15 @@ func (f *fakeService) SetNodeState(ctx context.Context, id string, s cluster.Nod
 			return cluster.ErrNotFound
 		}
 		n.State = s
+		return nil
+	})
+}
+func (f *fakeService) RemoveNode(ctx context.Context, id string) error {
+	return f.edit("RemoveNode", func() error {
+		if _, ok := f.st.Nodes[id]; !ok {
+			return fmt.Errorf("%w: node %s", cluster.ErrNotFound, id)
+		}
+		delete(f.st.Nodes, id)
 		return nil
 	})
 }
@@ -276,4 +290,78 @@ func (f *fakeService) Events(ctx context.Context, limit int) ([]cluster.Event, e
 		out = append(out, f.st.Events[i])
 	}
 	return out, nil
+}
+
+// fakeDeviceSecret is the password of the fake's stored device; tests scan
+// every response for it.
+const fakeDeviceSecret = "stored-bmc-password-42"
+
+func (f *fakeService) addDevice(name, config string) {
+	var dc fencing.DeviceConfig
+	if err := json.Unmarshal([]byte(config), &dc); err != nil {
+		panic(err)
+	}
+	f.st.FenceDevices[name] = &cluster.FenceDevice{Name: name, Type: dc.Type, Config: []byte(config)}
+}
+
+func (f *fakeService) FenceDevices(ctx context.Context) ([]cluster.FenceDevice, error) {
+	return list(f, "FenceDevices", f.st.FenceDevices)
+}
+func (f *fakeService) FenceDevice(ctx context.Context, name string) (cluster.FenceDevice, error) {
+	return get(f, "FenceDevice", name, f.st.FenceDevices)
+}
+func (f *fakeService) PutFenceDevice(ctx context.Context, name string, config []byte) error {
+	return f.edit("PutFenceDevice", func() error {
+		var dc fencing.DeviceConfig
+		if err := json.Unmarshal(config, &dc); err != nil {
+			return fmt.Errorf("%w: %v", cluster.ErrInvalid, err)
+		}
+		f.st.FenceDevices[name] = &cluster.FenceDevice{Name: name, Type: dc.Type, Config: slices.Clone(config)}
+		return nil
+	})
+}
+func (f *fakeService) DeleteFenceDevice(ctx context.Context, name string) error {
+	return f.edit("DeleteFenceDevice", func() error {
+		if _, ok := f.st.FenceDevices[name]; !ok {
+			return fmt.Errorf("%w: fence device %s", cluster.ErrNotFound, name)
+		}
+		for _, id := range slices.Sorted(maps.Keys(f.st.Nodes)) {
+			for _, l := range f.st.Nodes[id].Fence.Levels {
+				if slices.Contains(l, name) {
+					return fmt.Errorf("%w: device %s is in node %s's topology", cluster.ErrInUse, name, id)
+				}
+			}
+		}
+		delete(f.st.FenceDevices, name)
+		return nil
+	})
+}
+func (f *fakeService) ConfirmFence(ctx context.Context, node, operator string) error {
+	return f.edit("ConfirmFence", func() error {
+		if _, ok := f.st.Nodes[node]; !ok {
+			return fmt.Errorf("%w: node %s", cluster.ErrNotFound, node)
+		}
+		if f.st.FenceConfirms == nil {
+			f.st.FenceConfirms = map[string]cluster.FenceConfirmation{}
+		}
+		f.st.FenceConfirms[node] = cluster.FenceConfirmation{Node: node, By: operator}
+		return nil
+	})
+}
+func (f *fakeService) SetNodeFence(ctx context.Context, id string, topo fencing.NodeTopology) error {
+	return f.edit("SetNodeFence", func() error {
+		n, ok := f.st.Nodes[id]
+		if !ok {
+			return fmt.Errorf("%w: node %s", cluster.ErrNotFound, id)
+		}
+		for _, l := range topo.Levels {
+			for _, d := range l {
+				if _, ok := f.st.FenceDevices[d]; !ok {
+					return fmt.Errorf("%w: fence device %s", cluster.ErrNotFound, d)
+				}
+			}
+		}
+		n.Fence = topo
+		return nil
+	})
 }

@@ -18,8 +18,12 @@ import (
 
 // bind decodes the JSON body into v. Unknown fields are refused so a typo
 // in a field name is a 400, not a silently ignored setting.
-func bind(c *gin.Context, v any) error {
-	dec := json.NewDecoder(c.Request.Body)
+func bind(c *gin.Context, v any) error { return decodeJSON(c.Request.Body, v) }
+
+// decodeJSON is bind on any reader: exactly one JSON value, no unknown
+// fields, errors as *ValidationError naming the field.
+func decodeJSON(r io.Reader, v any) error {
+	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var (
@@ -122,6 +126,10 @@ func (s *Server) getNode(c *gin.Context) {
 	reply(s, c, http.StatusOK, func(ctx context.Context) (cluster.NodeInfo, error) {
 		return s.svc.Node(ctx, c.Param("id"))
 	})
+}
+
+func (s *Server) deleteNode(c *gin.Context) {
+	done(s, c, func(ctx context.Context) error { return s.svc.RemoveNode(ctx, c.Param("id")) })
 }
 
 type nodeStateReq struct {

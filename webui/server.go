@@ -193,7 +193,10 @@ func (s *Server) routes() *gin.Engine {
 
 	v1.GET("/nodes", s.listNodes)
 	v1.GET("/nodes/:id", s.getNode)
+	v1.DELETE("/nodes/:id", s.deleteNode)
 	v1.PUT("/nodes/:id/state", s.putNodeState)
+	v1.PUT("/nodes/:id/fence", s.putNodeFence)
+	v1.POST("/nodes/:id/fence-confirm", s.confirmFence)
 
 	v1.GET("/volumes", s.listVolumes)
 	v1.POST("/volumes", s.createVolume)
@@ -213,6 +216,11 @@ func (s *Server) routes() *gin.Engine {
 	v1.POST("/groups", s.createGroup)
 	v1.GET("/groups/:name", s.getGroup)
 	v1.POST("/groups/:name/move", s.moveGroup)
+
+	v1.GET("/fence-devices", s.listFenceDevices)
+	v1.GET("/fence-devices/:name", s.getFenceDevice)
+	v1.PUT("/fence-devices/:name", s.putFenceDevice)
+	v1.DELETE("/fence-devices/:name", s.deleteFenceDevice)
 
 	v1.GET("/fence-history", s.listFenceHistory)
 	v1.GET("/events", s.listEvents)

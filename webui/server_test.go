@@ -10,11 +10,13 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/hasan-storage/hasan/cluster"
+	"github.com/hasan-storage/hasan/fencing"
 	"github.com/hasan-storage/hasan/replication"
 )
 
@@ -99,6 +101,11 @@ func endpoints() []endpoint {
 			mustJSON(t, b, &n)
 			if n.ID != "n1" || n.Role != cluster.RoleStorage {
 				t.Errorf("node %+v", n)
+			}
+		}},
+		{"DELETE", "/api/v1/nodes/w1", "", 204, "RemoveNode", func(t *testing.T, f *fakeService, b string) {
+			if f.st.Nodes["w1"] != nil {
+				t.Error("node not removed")
 			}
 		}},
 		{"PUT", "/api/v1/nodes/n1/state", `{"state":"standby"}`, 204, "SetNodeState", func(t *testing.T, f *fakeService, b string) {
@@ -199,6 +206,55 @@ func endpoints() []endpoint {
 		{"POST", "/api/v1/groups/g1/move", `{"to":"n2"}`, 202, "MoveGroup", func(t *testing.T, f *fakeService, b string) {
 			if f.st.Groups["g1"].MovingTo != "n2" {
 				t.Errorf("moving_to %q", f.st.Groups["g1"].MovingTo)
+			}
+		}},
+		{"GET", "/api/v1/fence-devices", "", 200, "FenceDevices", func(t *testing.T, f *fakeService, b string) {
+			var ds []deviceOut
+			mustJSON(t, b, &ds)
+			if len(ds) != 2 || ds[0].Name != "bmc1" || ds[0].Type != "ipmi" || ds[0].section("ipmi")["host"] != "10.0.0.11" ||
+				!slices.Equal(ds[0].UsedBy, []string{"n1"}) || ds[1].UsedBy == nil || len(ds[1].UsedBy) != 0 {
+				t.Errorf("devices %+v", ds)
+			}
+			if !strings.Contains(b, `"password":"[redacted]"`) {
+				t.Errorf("password not shown as redacted: %s", b)
+			}
+		}},
+		{"GET", "/api/v1/fence-devices/bmc1", "", 200, "FenceDevice", func(t *testing.T, f *fakeService, b string) {
+			var d deviceOut
+			mustJSON(t, b, &d)
+			if d.Name != "bmc1" || d.section("ipmi")["user"] != "fence" {
+				t.Errorf("device %+v", d)
+			}
+		}},
+		{"PUT", "/api/v1/fence-devices/pdu1", `{"type":"apc-snmp","timeout":"10s","apc_snmp":{"host":"10.0.0.21","version":"2c","community":"put-community-77","outlets":["3"]}}`, 200, "PutFenceDevice", func(t *testing.T, f *fakeService, b string) {
+			d := f.st.FenceDevices["pdu1"]
+			if d == nil || d.Type != "apc-snmp" {
+				t.Fatalf("stored %+v", d)
+			}
+			dc, err := d.DeviceConfig()
+			if err != nil || dc.APC.Community.Reveal() != "put-community-77" || time.Duration(dc.Timeout) != 10*time.Second {
+				t.Errorf("stored config %+v %v", dc, err)
+			}
+			var v deviceOut
+			mustJSON(t, b, &v)
+			if v.Name != "pdu1" || v.Type != "apc-snmp" || v.section("apc_snmp")["community"] != "[redacted]" || v.Config["timeout"] != "10s" {
+				t.Errorf("reply %+v", v)
+			}
+		}},
+		{"DELETE", "/api/v1/fence-devices/spare", "", 204, "DeleteFenceDevice", func(t *testing.T, f *fakeService, b string) {
+			if f.st.FenceDevices["spare"] != nil {
+				t.Error("device not deleted")
+			}
+		}},
+		{"PUT", "/api/v1/nodes/w1/fence", `{"action":"reboot","levels":[["bmc1"],["bmc1","spare"]]}`, 204, "SetNodeFence", func(t *testing.T, f *fakeService, b string) {
+			got := f.st.Nodes["w1"].Fence
+			if got.Action != fencing.ActionReboot || len(got.Levels) != 2 || !slices.Equal(got.Levels[1], []string{"bmc1", "spare"}) {
+				t.Errorf("topology %+v", got)
+			}
+		}},
+		{"POST", "/api/v1/nodes/n1/fence-confirm", `{"operator":"alice"}`, 204, "ConfirmFence", func(t *testing.T, f *fakeService, b string) {
+			if got := f.st.FenceConfirms["n1"]; got.By != "alice" {
+				t.Errorf("confirmation %+v", got)
 			}
 		}},
 		{"GET", "/api/v1/fence-history?node=n2&limit=5", "", 200, "FenceHistory", func(t *testing.T, f *fakeService, b string) {

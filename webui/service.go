@@ -29,6 +29,11 @@ type Service interface {
 	// by a takeover; online clears it).
 	SetNodeState(ctx context.Context, id string, state cluster.NodeState) error
 	SetMaintenance(ctx context.Context, on bool) error
+	// RemoveNode takes a node out of the state and the Raft configuration.
+	// The cluster refuses a node that owns a group, holds a replica or is
+	// the target of a move (cluster.ErrInUse). It runs on the leader and
+	// never removes the answering node itself.
+	RemoveNode(ctx context.Context, id string) error
 
 	Volumes(ctx context.Context) ([]cluster.Volume, error)
 	Volume(ctx context.Context, uuid string) (cluster.Volume, error)
@@ -53,6 +58,27 @@ type Service interface {
 	// MoveGroup starts a planned move; the owner drains and releases, then
 	// the controller grants the group to node.
 	MoveGroup(ctx context.Context, group, node string) error
+
+	// FenceDevices lists the configured fence devices by name. Their
+	// Config holds secrets in clear: handlers show them only through
+	// fenceDeviceView, which redacts.
+	FenceDevices(ctx context.Context) ([]cluster.FenceDevice, error)
+	FenceDevice(ctx context.Context, name string) (cluster.FenceDevice, error)
+	// PutFenceDevice creates or replaces a device. config is a
+	// fencing.DeviceConfig as JSON, secrets in clear; handlers validate it
+	// first, the cluster validates it again when it applies the entry.
+	PutFenceDevice(ctx context.Context, name string, config []byte) error
+	// DeleteFenceDevice refuses a device a node's topology uses
+	// (cluster.ErrInUse).
+	DeleteFenceDevice(ctx context.Context, name string) error
+	// SetNodeFence replaces a node's fence topology. A level naming an
+	// unknown device is a not-found error.
+	SetNodeFence(ctx context.Context, id string, topo fencing.NodeTopology) error
+
+	// ConfirmFence commits an operator's statement that node is powered
+	// off (cluster's fence-confirm), which cluster's manual fence device
+	// is meant to wait for.
+	ConfirmFence(ctx context.Context, node, operator string) error
 
 	// FenceHistory returns the newest records first; node "" means all,
 	// limit <= 0 means no limit.

@@ -71,6 +71,7 @@ const nodeCertValidity = 5 * 365 * 24 * time.Hour
 func newClusterCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "create, join and inspect the cluster"}
 	cmd.AddCommand(newClusterInitCmd(), newClusterCertCmd(), newClusterTokenCmd(), newClusterJoinCmd(), newClusterStatusCmd())
+	cmd.AddCommand(newClusterMaintenanceCmd())
 	return cmd
 }
 
@@ -136,6 +137,7 @@ func clusterInit(ctx context.Context, cfg *serveConfig, name string) error {
 
 func newClusterCertCmd() *cobra.Command {
 	var config, id, out string
+	var admin bool
 	c := &cobra.Command{
 		Use:   "cert",
 		Short: "issue a certificate for a new node from the CA kept by the init node (copy --out to the new node's data_dir/tls)",
@@ -145,7 +147,11 @@ func newClusterCertCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if err := issueNodeCert(cfg, id, out); err != nil {
+			issue := issueNodeCert
+			if admin {
+				issue = issueAdminCert
+			}
+			if err := issue(cfg, id, out); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "certificate for %s written to %s\n", id, out)
@@ -155,6 +161,7 @@ func newClusterCertCmd() *cobra.Command {
 	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "configuration of the node holding the CA key")
 	c.Flags().StringVar(&id, "node", "", "id of the new node")
 	c.Flags().StringVar(&out, "out", "", "directory to write ca.crt, node.crt and node.key to")
+	c.Flags().BoolVar(&admin, "admin", false, "issue an operator (admin) certificate: --node is its name; it may propose to the leader without being a node")
 	_ = c.MarkFlagRequired("node")
 	_ = c.MarkFlagRequired("out")
 	return c

@@ -16,14 +16,17 @@ import (
 	"github.com/hasan-storage/hasan/fencing"
 )
 
-// newFenceCmd groups the fencing subcommands. They read a JSON topology
-// (see docs/fencing.md) until the cluster keeps it in Raft.
+// newFenceCmd groups the fencing subcommands. device, topology and history
+// work on the cluster through the REST API; test and status drive the
+// devices directly from a local JSON file (docs/fencing.md), because the
+// API never hands out the secrets they need.
 func newFenceCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "fence",
-		Short: "test fence devices and show their health",
+		Short: "configure the cluster's fence devices and topologies, test devices, read the fence history",
 	}
-	cmd.AddCommand(newFenceTestCmd(), newFenceStatusCmd())
+	cmd.AddCommand(newFenceTestCmd(), newFenceStatusCmd(), newFenceDeviceCmd(), newFenceTopologyCmd(), newFenceHistoryCmd(),
+		newFenceConfirmCmd())
 	return cmd
 }
 

@@ -1,6 +1,8 @@
-// Command hasan is the single hasan binary: `hasan target run` serves a
-// standalone iSCSI target, `hasan demo` shows the product on embedded
-// defaults. Cluster, volume and fence subcommands arrive with their issues.
+// Command hasan is the single hasan binary: `hasan serve` runs a cluster
+// node, `hasan cluster` creates and joins clusters, the node, volume,
+// target, group, fence and events commands administer a running cluster
+// through its REST API (--api), `hasan target run` serves a standalone
+// iSCSI target and `hasan demo` shows the product on embedded defaults.
 package main
 
 import (
@@ -34,6 +36,7 @@ func newRootCmd() *cobra.Command {
 		Version:       version(),
 	}
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	root.PersistentFlags().String("api", defaultAPI(), "REST API of any cluster node for the administrator commands (env "+apiEnv+")")
 	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		var lvl slog.Level
 		if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
@@ -42,7 +45,8 @@ func newRootCmd() *cobra.Command {
 		slog.SetDefault(slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: lvl})))
 		return nil
 	}
-	root.AddCommand(newTargetCmd(), newDemoCmd(), newFenceCmd(), newServeCmd(), newClusterCmd())
+	root.AddCommand(newTargetCmd(), newDemoCmd(), newFenceCmd(), newServeCmd(), newClusterCmd(),
+		newNodeCmd(), newVolumeCmd(), newGroupCmd(), newEventsCmd())
 	return root
 }
 

@@ -54,8 +54,13 @@ type serveConfig struct {
 	// self-demotion lease (must be shorter).
 	FailureTimeout time.Duration `yaml:"failure_timeout"`
 	Lease          time.Duration `yaml:"lease"`
-	// ShutdownTimeout bounds the stop on SIGTERM.
+	// ShutdownTimeout bounds the stop on SIGTERM, the hand-over of owned
+	// groups included.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// ForwardFromAnyCertificate lets the leader accept proposals from any
+	// certificate of the cluster CA. Off (the default), only nodes of the
+	// cluster and admin certificates (`cluster cert --admin`) may propose.
+	ForwardFromAnyCertificate bool `yaml:"forward_from_any_certificate"`
 }
 
 const (
@@ -251,7 +256,41 @@ func runServe(ctx context.Context, cfg *serveConfig, o serveOptions) error {
 	}
 	<-ctx.Done()
 	s.log.Info("hasan: stopping", "timeout", cfg.ShutdownTimeout)
-	return s.Close()
+	return s.Stop()
+}
+
+// Stop is the graceful stop (SIGTERM): the groups this node owns are
+// handed to a live peer by planned moves, and only once they are released
+// does the node stop serving. A clean stop is thus not a failure, and
+// nobody fences this node. The hand-over takes at most half of
+// shutdown_timeout; the stop itself gets the rest.
+func (s *server) Stop() error {
+	start := time.Now()
+	if s.agent != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout/2)
+		err := s.agent.HandOver(ctx, s.alive)
+		cancel()
+		if err != nil {
+			s.log.Warn("hasan: hand-over before stop incomplete; the cluster fails the rest over", "err", err)
+		} else {
+			s.log.Info("hasan: groups handed over", "took", time.Since(start))
+		}
+	}
+	// A leader that goes away on purpose hands leadership over too: the
+	// peers then need no election timeout to go on committing.
+	ctx, cancel := context.WithTimeout(context.Background(), max(s.cfg.ShutdownTimeout/4, time.Second))
+	if err := s.node.TransferLeadership(ctx); err != nil {
+		s.log.Warn("hasan: leadership transfer before stop", "err", err)
+	}
+	cancel()
+	return s.closeWithin(s.cfg.ShutdownTimeout - time.Since(start))
+}
+
+// alive: a peer heard from within the failure timeout (every node beats to
+// every voter, so this node's view is first-hand).
+func (s *server) alive(id string) bool {
+	at, ok := s.node.LastSeen()[id]
+	return ok && time.Since(at) <= s.cfg.FailureTimeout
 }
 
 // server is one running node.
@@ -300,6 +339,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	node, err := cluster.NewNode(cluster.NodeConfig{
 		ID: cfg.Node, Role: cluster.Role(cfg.Role), DataDir: cfg.raftDir(),
 		BindAddr: cfg.ClusterListen, AdvertiseAddr: cfg.ClusterAdvertise, TLS: tlsCfg, Logger: log,
+		ForwardFromAnyCert: cfg.ForwardFromAnyCertificate,
 	})
 	if err != nil {
 		return nil, err
@@ -323,7 +363,9 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 				VerifyLeader: node.VerifyLeader,
 				Fencer: func(st *cluster.State) (cluster.Fencer, error) {
 					hist := &cluster.FenceHistory{P: node, FSM: node.FSM()}
-					return cluster.BuildFencer(st, hist, log, time.Now)
+					// Manual devices wait for an operator's ConfirmFence.
+					return cluster.BuildClusterFencer(st, node.FSM(), hist, log, time.Now,
+						func(id string) time.Time { return node.LastSeen()[id] })
 				},
 			}
 		})
@@ -350,6 +392,28 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 }
 
 var _ fencing.HistoryStore = (*cluster.FenceHistory)(nil)
+
+// issueAdminCert writes an operator's certificate (CA.IssueAdmin) to out,
+// like issueNodeCert does for a node.
+func issueAdminCert(cfg *serveConfig, name, out string) error {
+	certPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caCertFile))
+	if err != nil {
+		return fmt.Errorf("hasan: %w", err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caKeyFile))
+	if err != nil {
+		return fmt.Errorf("hasan: the CA key is only on the node that ran `cluster init`: %w", err)
+	}
+	ca, err := cluster.LoadCA(certPEM, keyPEM)
+	if err != nil {
+		return err
+	}
+	cert, key, err := ca.IssueAdmin(name, time.Now(), nodeCertValidity)
+	if err != nil {
+		return err
+	}
+	return writeFiles(out, map[string][]byte{caCertFile: certPEM, nodeCertFile: cert, nodeKeyFile: key})
+}
 
 func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOptions) error {
 	cfg, log, node := s.cfg, s.log, s.node
@@ -389,12 +453,16 @@ func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOp
 		vips = noVIPs{}
 	}
 	lease := &cluster.SelfDemotion{Raft: node.Raft(), Lease: cluster.NewLease(cfg.Lease, nil), Logger: log}
+	targets := &cluster.TargetAdapter{Server: s.tsrv, Replicas: s.reps, FSM: node.FSM(), P: node, Logger: log}
 	s.agent = &cluster.Agent{
 		Self: cfg.Node, FSM: node.FSM(), P: node,
 		VIPs:     vips,
-		Targets:  &cluster.TargetAdapter{Server: s.tsrv, Replicas: s.reps, FSM: node.FSM(), P: node, Logger: log},
+		Targets:  targets,
 		Replicas: s.reps,
 		Serving:  lease.Serving,
+		// The owner records its initiators' connections so that the next
+		// owner can tickle them (vip/ tickle ACKs).
+		Sessions: targets,
 		Logger:   log,
 	}
 	lease.Demoter = s.agent
@@ -409,13 +477,16 @@ func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOp
 	return nil
 }
 
-// Close stops everything within cfg.ShutdownTimeout: the agent first (so
+// Close stops everything within cfg.ShutdownTimeout, without handing
+// groups over (Stop does that first): the agent first (so
 // nothing re-acquires), then the node stops serving (VIPs, targets,
 // replicas), then Raft, whose shutdown also resolves a lease check that
 // may still be waiting on a quorum, then the remaining loops.
-func (s *server) Close() error {
+func (s *server) Close() error { return s.closeWithin(s.cfg.ShutdownTimeout) }
+
+func (s *server) closeWithin(timeout time.Duration) error {
 	s.cancel()
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Second))
 	defer cancel()
 	done := make(chan error, 1)
 	go func() {
@@ -427,11 +498,14 @@ func (s *server) Close() error {
 		if s.tsrv != nil {
 			errs = append(errs, s.tsrv.Close())
 		}
-		if s.reps != nil {
-			errs = append(errs, s.reps.CloseAll(ctx))
-		}
+		// The replica server first: it ends its primaries' connections
+		// and waits for their writes before it closes the secondaries, which
+		// removing them one by one while writes still arrive does not.
 		if s.rsrv != nil {
 			errs = append(errs, s.rsrv.Close())
+		}
+		if s.reps != nil {
+			errs = append(errs, s.reps.CloseAll(ctx))
 		}
 		if s.vipm != nil {
 			errs = append(errs, s.vipm.Close())
@@ -448,7 +522,7 @@ func (s *server) Close() error {
 	case err := <-done:
 		return err
 	case <-ctx.Done():
-		return fmt.Errorf("hasan: shutdown did not finish within %v", s.cfg.ShutdownTimeout)
+		return fmt.Errorf("hasan: shutdown did not finish within %v", max(timeout, time.Second))
 	}
 }
 

@@ -32,7 +32,7 @@ type standaloneOpts struct {
 }
 
 func newTargetCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "target", Short: "Standalone iSCSI target"}
+	cmd := &cobra.Command{Use: "target", Short: "iSCSI targets: cluster targets over the REST API, or `run` for a standalone one"}
 	var o standaloneOpts
 	run := &cobra.Command{
 		Use:   "run",
@@ -53,6 +53,7 @@ func newTargetCmd() *cobra.Command {
 	f.StringArrayVar(&o.Allow, "allow", nil, "initiator IQN allowed to log in (repeatable; default: any)")
 	_ = run.MarkFlagRequired("iqn")
 	cmd.AddCommand(run)
+	addTargetAdminCmds(cmd)
 	return cmd
 }
 

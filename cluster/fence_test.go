@@ -1,0 +1,68 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/hasan-storage/hasan/fencing"
+)
+
+// TestManualFenceWaitsForConfirmation: a manual fence device reads off
+// only once an operator confirmation newer than the node's last heartbeat
+// is in the state; a takeover consumes the confirmation.
+func TestManualFenceWaitsForConfirmation(t *testing.T) {
+	ctx := context.Background()
+	loc := NewLocal(nil)
+	cfg, err := json.Marshal(fencing.DeviceConfig{Type: "manual", Manual: &fencing.ManualConfig{Node: "rack1-a"},
+		Timeout: fencing.Duration(300 * time.Millisecond), PollInterval: fencing.Duration(10 * time.Millisecond)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range append(fixtureCommands(), cDevice("hand-a", string(cfg)), cSetFence("a", []string{"hand-a"})) {
+		if _, err := loc.Propose(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var lastSeen time.Time
+	fence := func() error {
+		f, err := BuildClusterFencer(loc.FSM.State(), loc.FSM, &FenceHistory{P: loc, FSM: loc.FSM}, nil, time.Now,
+			func(string) time.Time { return lastSeen })
+		if err != nil {
+			t.Fatal(err)
+		}
+		fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, err = f.Fence(fctx, "a")
+		return err
+	}
+	lastSeen = time.Now()
+	detected := time.Now()
+	if err := fence(); err == nil {
+		t.Fatal("manual fence confirmed without an operator")
+	}
+	// A confirmation older than the node's last heartbeat does not count.
+	if _, err := loc.Propose(ctx, cFenceConfirm("a", "alice")); err != nil {
+		t.Fatal(err)
+	}
+	lastSeen = time.Now().Add(time.Millisecond)
+	if err := fence(); err == nil {
+		t.Fatal("a confirmation older than the last heartbeat was accepted")
+	}
+	time.Sleep(2 * time.Millisecond)
+	if _, err := loc.Propose(ctx, cFenceConfirm("a", "alice")); err != nil {
+		t.Fatal(err)
+	}
+	if err := fence(); err != nil {
+		t.Fatalf("confirmed manual fence: %v", err)
+	}
+	// The history now allows the takeover, which consumes the
+	// confirmation: the next incident needs a new one.
+	if _, err := loc.Propose(ctx, cTakeover("g1", "a", "b", detected)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := loc.FSM.State().FenceConfirms["a"]; ok {
+		t.Fatal("the takeover did not consume the confirmation")
+	}
+}
