@@ -38,11 +38,15 @@ conformance: deps
 	HASAN_CONFORMANCE=1 $(GO) test -count=1 -v -timeout 40m -run '^TestConformance' ./test/conformance/ ./replication/
 
 # A 2-storage + witness cluster of real `hasan serve` processes in network
-# namespaces, owner power loss through its ipmi_sim BMC. This checks
-# correctness (fence confirmed before takeover, no lost acknowledged write);
-# the gap bound is loose because timing belongs to benchmarks.
+# namespaces (test/cluster/README.md): owner power loss, then on one shared
+# cluster planned move, standby, witness loss, leader loss, replica loss and
+# return, owner crash, failed fence (bad password, dead BMC), owner isolation
+# (about 90 s). This checks correctness (fence
+# confirmed before takeover, self-demotion, no lost acknowledged write, never
+# two writers); the gap bounds are loose because timing belongs to `make bench`.
 cluster-e2e: deps
-	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_CLUSTER_MAX_GAP=10s $(GO) test -count=3 -v -timeout 10m -run TestOwnerPowerLoss ./test/cluster/
+	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_CLUSTER_MAX_GAP=10s HASAN_CLUSTER_MAX_PLANNED_GAP=2s HASAN_CLUSTER_MAX_STEADY_GAP=1s \
+		$(GO) test -count=1 -v -timeout 10m -run 'TestOwnerPowerLoss|TestScenarios' ./test/cluster/
 
 # The real Linux initiator (open-iscsi) in a QEMU guest: CHAP + mkfs + verify,
 # then two portals folded by dm-multipath.
@@ -55,12 +59,13 @@ bench: deps
 	$(GO) run ./bench
 	$(GO) run ./bench/replication
 	HASAN_FENCE_BENCH=1 $(GO) test -count=1 -run TestBenchFencePeers -v ./fencing/
-	# Baseline for the failover probe: a standalone target killed and restarted
-	# (the cluster failover scenarios arrive with issue 5).
+	# Baseline for the failover probe: a standalone target killed and restarted.
 	$(GO) run ./bench/failover -scenario restart -repeats 10 -down 500ms
-	# Cluster failover gap: owner power loss through its BMC, 10 runs (each
-	# prints its gap and timeline; the 2 s goal is checked per run).
-	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 $(GO) test -count=10 -v -timeout 15m -run TestOwnerPowerLoss ./test/cluster/
+	# Cluster failover gap (issue 5) on one namespace cluster: owner crash
+	# (SIGKILL, fenced through IPMI), owner power loss and planned move, 10 runs
+	# each; a p50/p99 table against the goals (unplanned p99 <= 2 s, planned
+	# <= 0.3 s, 0 lost acknowledged writes). Fails when a goal is missed.
+	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_CLUSTER_BENCH=1 $(GO) test -count=1 -v -timeout 30m -run TestFailoverBench ./test/cluster/
 
 clean:
 	rm -rf bin

@@ -10,6 +10,10 @@
 //	    probe any portal until -duration or Ctrl-C while you disrupt it by
 //	    hand (move a VIP, kill a node)
 //
+// The cluster scenarios (owner crash fenced through IPMI, owner power loss,
+// planned move, each on a namespace cluster) use the same probe and driver
+// from TestFailoverBench in test/cluster (`make bench`).
+//
 // Standard output gets one JSON line per run and a final summary line
 // ({"summary":...}); standard error gets the human summary. The exit status
 // is 1 when an acknowledged write was lost or a run never recovered.

@@ -182,6 +182,21 @@ func (p *proposer) propose(ctx context.Context, leaderAddr string, c *cluster.Co
 	return nil
 }
 
+// harnessCert issues the harness's certificate from the cluster CA on the
+// init node into dir: an operator (admin) certificate, which the leader
+// accepts forwarded proposals from. A binary older than `cluster cert
+// --admin` accepted any CA-signed certificate: then a plain one.
+func harnessCert(ctx context.Context, on *lab.Node, bin, config, dir string) error {
+	out, err := on.Run(ctx, bin, "cluster", "cert", "--config", config, "--node", "e2e-harness", "--admin", "--out", dir)
+	if err != nil && strings.Contains(out, "unknown flag: --admin") {
+		out, err = on.Run(ctx, bin, "cluster", "cert", "--config", config, "--node", "e2e-harness", "--out", dir)
+	}
+	if err != nil {
+		return fmt.Errorf("cluster cert e2e-harness: %w\n%s", err, out)
+	}
+	return nil
+}
+
 func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, cond func() (bool, error)) {
 	t.Helper()
 	deadline := time.Now().Add(d)

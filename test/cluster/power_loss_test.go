@@ -87,8 +87,8 @@ func TestOwnerPowerLoss(t *testing.T) {
 		}
 	}
 	adminTLS := filepath.Join(root, "admin-tls")
-	if out, err := l.Node("n1").Run(ctx, bin, "cluster", "cert", "--config", n1.Config, "--node", "e2e-harness", "--out", adminTLS); err != nil {
-		t.Fatalf("cluster cert e2e-harness: %v\n%s", err, out)
+	if err := harnessCert(ctx, l.Node("n1"), bin, n1.Config, adminTLS); err != nil {
+		t.Fatal(err)
 	}
 	read := func(name string) []byte {
 		b, err := os.ReadFile(filepath.Join(adminTLS, name))
@@ -257,18 +257,10 @@ func TestOwnerPowerLoss(t *testing.T) {
 	if err := l.PowerOff(owner); err != nil {
 		t.Fatalf("power off %s: %v", owner, err)
 	}
-	// A powered-off machine's NICs go dark with it. The lab's power cut
-	// kills the node's processes but leaves its namespace, whose kernel
-	// would go on answering ARP for the VIP and make the survivor's
-	// duplicate-address probe refuse the address (seen in the first run).
-	// Taking the links down right after the cut is the part of "power
-	// loss" the lab does not model.
-	for _, link := range []string{"eth0", "mgmt0"} {
-		if out, err := l.Node(owner).Run(ctx, "ip", "link", "set", link, "down"); err != nil {
-			t.Fatalf("%s: link %s down: %v %s", owner, link, err, out)
-		}
-	}
-	t.Logf("%s (owner) lost power at %s (links down %v later)", owner, offAt.Format("15:04:05.000"), time.Since(offAt).Round(time.Millisecond))
+	// lab.PowerOff takes the node's links down before its processes die,
+	// as a real cut does: its kernel stops answering ARP for the VIP, so
+	// the survivor's duplicate-address probe finds the address free.
+	t.Logf("%s (owner) lost power at %s", owner, offAt.Format("15:04:05.000"))
 	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
 	err = p.WaitPairs(rctx, 5)
 	rcancel()
@@ -333,8 +325,8 @@ func TestOwnerPowerLoss(t *testing.T) {
 	if !slices.ContainsFunc(hooks, func(s string) bool { return strings.Contains(s, "set power 0") }) {
 		t.Fatalf("the BMC of %s never received a power set: %v", owner, hooks)
 	}
-	// One writer: the powered-off owner is dead (the lab killed every
-	// process in its namespace before its BMC reported off).
+	// One writer: the powered-off owner is dead (the lab took its links
+	// down and killed every process in its namespace).
 	if !procs[owner].Exited() {
 		t.Fatalf("hasan serve on %s survived the power loss", owner)
 	}

@@ -14,8 +14,9 @@
 // Every process started on a node joins the node's process group; a power
 // off (by the BMC or PowerOff) or a Crash SIGKILLs that group and then
 // whatever else runs in the node's namespace, so "the node is dead" means
-// what it says. Power on only marks the node powered: the test restarts
-// what it wants.
+// what it says. A power off first takes the node's links down, as a dead
+// machine's NICs go dark. Power on boots the links with their configured
+// addresses and starts nothing: the test restarts what it wants.
 //
 // Cleanup is guaranteed three ways: Close (Start registers it with
 // t.Cleanup) kills everything in the lab's namespaces and deletes them; a

@@ -596,3 +596,155 @@ func TestParallelLabs(t *testing.T) {
 		})
 	}
 }
+
+// TestPowerOffTakesLinksDown: a powered-off machine's NICs go dark, by a
+// power cut or through its BMC. Before the cut the node's kernel answers
+// for an address it added at run time (a VIP: a dial to a closed port is
+// refused at once); after it nothing answers (the dial times out), so a
+// survivor can claim the address. Power on is a boot: the links come back
+// with the configured addresses and without the run-time one.
+func TestPowerOffTakesLinksDown(t *testing.T) {
+	l := Start(t, ThreeNodes())
+	ctx := context.Background()
+	vip := VIP(0)
+	closedPort := netipJoin(vip.Addr().String(), 9)
+	answers := func() error {
+		dctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		c, err := l.Initiator().DialContext(dctx, "tcp", closedPort)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil // a live kernel answered with a reset
+		}
+		return err
+	}
+	linkUp := func(n *Node, ifname string) bool {
+		out, err := n.Run(ctx, "ip", "-o", "link", "show", "dev", ifname)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(out, ",UP") || strings.Contains(out, "<UP")
+	}
+	hasAddr := func(n *Node, a string) bool {
+		out, err := n.Run(ctx, "ip", "-o", "addr", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(out, " "+a+" ") || strings.Contains(out, " "+a+"/")
+	}
+	echoServer(t, l.Node("n2").NS, l.NodeAddr("n2").String()+":7000")
+	for _, how := range []string{"cut", "bmc"} {
+		n1 := l.Node("n1")
+		if out, err := n1.Run(ctx, "ip", "addr", "add", vip.String(), "dev", "eth0"); err != nil {
+			t.Fatalf("%s: add VIP: %v %s", how, err, out)
+		}
+		if err := answers(); err != nil {
+			t.Fatalf("%s: n1 does not answer for the VIP before the cut: %v", how, err)
+		}
+		startTree(t, n1)
+		switch how {
+		case "cut":
+			if err := l.PowerOff("n1"); err != nil {
+				t.Fatal(err)
+			}
+		case "bmc":
+			if out, err := l.BMC("n1").IPMITool(ctx, l.Node("n2").NS, "chassis", "power", "off"); err != nil {
+				t.Fatalf("power off: %q %v", out, err)
+			}
+		}
+		for _, ifname := range []string{"eth0", "mgmt0"} {
+			if linkUp(n1, ifname) {
+				t.Fatalf("%s: %s still up after power off", how, ifname)
+			}
+		}
+		if err := answers(); err == nil {
+			t.Fatalf("%s: something still answers for the VIP after n1 lost power", how)
+		}
+		switch how {
+		case "cut":
+			if err := l.PowerOn("n1"); err != nil {
+				t.Fatal(err)
+			}
+		case "bmc":
+			if out, err := l.BMC("n1").IPMITool(ctx, l.Node("n2").NS, "chassis", "power", "on"); err != nil {
+				t.Fatalf("power on: %q %v", out, err)
+			}
+		}
+		for _, ifname := range []string{"eth0", "mgmt0"} {
+			if !linkUp(n1, ifname) {
+				t.Fatalf("%s: %s down after power on", how, ifname)
+			}
+		}
+		if hasAddr(n1, vip.Addr().String()) {
+			t.Fatalf("%s: the run-time address survived the power cycle", how)
+		}
+		if !hasAddr(n1, n1.Addr.Addr().String()) {
+			t.Fatalf("%s: n1 booted without its address", how)
+		}
+		// The node is back on both networks.
+		if out, err := l.BMC("n2").IPMITool(ctx, n1.NS, "chassis", "power", "status"); err != nil {
+			t.Fatalf("%s: management net after power on: %q %v", how, out, err)
+		}
+		deadline := time.Now().Add(3 * time.Second)
+		for {
+			err := roundTrip(n1.NS, l.NodeAddr("n2").String()+":7000", 500*time.Millisecond)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: cluster net after power on: %v", how, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func netipJoin(host string, port int) string { return net.JoinHostPort(host, strconv.Itoa(port)) }
+
+// TestIsolationOutlivesPowerCycle: isolation is a fault of the network, so
+// a node fenced through its BMC while isolated boots still isolated (a
+// bridge port whose carrier returns would otherwise forward again), and
+// Heal of a dark node takes effect when it boots.
+func TestIsolationOutlivesPowerCycle(t *testing.T) {
+	l := Start(t, ThreeNodes())
+	ctx := context.Background()
+	n1, n2 := l.Node("n1"), l.Node("n2")
+	addr := net.JoinHostPort(l.NodeAddr("n2").String(), "7000")
+	echoServer(t, n2.NS, addr)
+	if err := l.Isolate("n1"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := l.BMC("n1").IPMITool(ctx, n2.NS, "chassis", "power", "off"); err != nil {
+		t.Fatalf("power off: %q %v", out, err)
+	}
+	if out, err := l.BMC("n1").IPMITool(ctx, n2.NS, "chassis", "power", "on"); err != nil {
+		t.Fatalf("power on: %q %v", out, err)
+	}
+	if err := roundTrip(n1.NS, addr, 700*time.Millisecond); err == nil {
+		t.Fatal("n1 reaches the cluster network after a power cycle while isolated")
+	}
+	// Heal while dark: the port forwards once the node boots.
+	if err := l.PowerOff("n1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Heal("n1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.PowerOn("n1"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		err := roundTrip(n1.NS, addr, 500*time.Millisecond)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("n1 healed while dark does not reach n2 after power on: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

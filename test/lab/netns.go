@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -175,10 +176,13 @@ func (s *NS) PIDs() ([]int, error) {
 	return pids, nil
 }
 
-// killAll SIGKILLs every process in the namespace. Processes forked while
-// we kill are caught by the next round.
+// killAll SIGKILLs every process in the namespace and returns once none is
+// left (SIGKILL is asynchronous: a process killed on a busy machine may run
+// for a moment more). Processes forked while we kill are caught by the next
+// round.
 func (s *NS) killAll() error {
-	for range 5 {
+	deadline := time.Now().Add(5 * time.Second)
+	for round := 0; ; round++ {
 		pids, err := s.PIDs()
 		if err != nil {
 			return err
@@ -186,11 +190,16 @@ func (s *NS) killAll() error {
 		if len(pids) == 0 {
 			return nil
 		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("lab: %s: pids %v survive SIGKILL", s.name, pids)
+		}
 		for _, p := range pids {
 			_ = syscall.Kill(p, syscall.SIGKILL)
 		}
+		if round > 0 {
+			time.Sleep(5 * time.Millisecond)
+		}
 	}
-	return nil
 }
 
 // ProcAlive reports whether pid exists and is not a zombie: a SIGKILLed

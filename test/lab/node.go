@@ -87,7 +87,50 @@ func (l *Lab) addNode(ctx context.Context, i int, spec NodeSpec) (*Node, error) 
 	if err := l.plug(ctx, ns, "br-m", "m-"+spec.Name, "mgmt0", n.MgmtAddr); err != nil {
 		return nil, err
 	}
+	// The NICs and their boot-time addresses, for the power transitions
+	// here and in the BMC hook.
+	links := fmt.Sprintf("eth0 %s\nmgmt0 %s\n", n.Addr, n.MgmtAddr)
+	if err := os.WriteFile(filepath.Join(n.dir, "links"), []byte(links), 0o644); err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
 	return n, nil
+}
+
+// nicNames are the node's links, in the order of the links file.
+var nicNames = [...]string{"eth0", "mgmt0"}
+
+// linksDown takes the node's NICs down, as a power cut does: the peers see
+// the carrier go, nothing more leaves the node, and its kernel stops
+// answering ARP for any address it held.
+func (n *Node) linksDown() error {
+	var b strings.Builder
+	for _, ifname := range nicNames {
+		fmt.Fprintf(&b, "link set dev %s down\n", ifname)
+	}
+	return n.ipBatch(b.String())
+}
+
+// linksBoot brings the NICs up as a boot does: with their configured
+// addresses only, so an address added at run time (a floating IP the node
+// held before it lost power) does not come back with them.
+func (n *Node) linksBoot() error {
+	var b strings.Builder
+	for ifname, addr := range map[string]netip.Prefix{"eth0": n.Addr, "mgmt0": n.MgmtAddr} {
+		fmt.Fprintf(&b, "link set dev %s down\naddr flush dev %s\naddr add %s dev %s\nlink set dev %s up\n", ifname, ifname, addr, ifname, ifname)
+	}
+	if err := n.ipBatch(b.String()); err != nil {
+		return err
+	}
+	return n.applyIsolation()
+}
+
+func (n *Node) ipBatch(cmds string) error {
+	cmd := exec.Command("ip", "-n", n.name, "-batch", "-")
+	cmd.Stdin = strings.NewReader(cmds)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("lab: %s: ip -batch: %w: %s", n.spec.Name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 // PowerState reads the node's power, as its BMC would report it.
@@ -186,15 +229,18 @@ func (n *Node) killLocked() error {
 	return err
 }
 
-// PowerOff simulates a power cut, not through the BMC: every process of
-// the node dies at once and the node reports power off.
+// PowerOff simulates a power cut, not through the BMC: the node's links go
+// down, then every process of the node dies and the node reports power off.
+// The links go first, so nothing the dying processes send (FIN, RST) leaves
+// the machine, as with a real cut.
 func (n *Node) PowerOff() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if err := os.WriteFile(filepath.Join(n.dir, "cutting"), nil, 0o644); err != nil {
 		return fmt.Errorf("lab: %w", err)
 	}
-	err := n.killLocked()
+	err := n.linksDown()
+	err = errors.Join(err, n.killLocked())
 	if perr := n.setPower(PowerOff); perr != nil {
 		err = errors.Join(err, perr)
 	}
@@ -202,12 +248,21 @@ func (n *Node) PowerOff() error {
 	return err
 }
 
-// PowerOn restores power. Nothing restarts by itself: the test decides.
+// PowerOn restores power: the node boots with its links up and only their
+// configured addresses. Nothing restarts by itself: the test decides. On a
+// node that has power it does nothing.
 func (n *Node) PowerOn() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	_ = os.Remove(filepath.Join(n.dir, "cutting"))
-	return n.setPower(PowerOn)
+	if n.PowerState() == PowerOn {
+		return nil
+	}
+	// Power first: applyIsolation needs to know the port has a carrier.
+	if err := n.setPower(PowerOn); err != nil {
+		return err
+	}
+	return n.linksBoot()
 }
 
 // Crash SIGKILLs the node's processes and leaves the power on, like a
@@ -221,15 +276,64 @@ func (n *Node) Crash() error {
 // Isolate disables the node's port on the cluster bridge: frames no longer
 // pass either way, while the node's own link stays up (a failure somewhere
 // in the network, not an unplugged cable). The management network, and so
-// fencing through the BMC, is unaffected.
-func (n *Node) Isolate() error { return n.bridgePortState("c-"+n.spec.Name, "0") }
+// fencing through the BMC, is unaffected. The isolation is a fault of the
+// network, so it outlives the node's power cycles (a bridge port whose
+// carrier returns would otherwise forward again): it lasts until Heal.
+func (n *Node) Isolate() error {
+	if err := os.WriteFile(n.isolatedPath(), []byte(n.lab.sw.name+" c-"+n.spec.Name+"\n"), 0o644); err != nil {
+		return fmt.Errorf("lab: %w", err)
+	}
+	return n.applyIsolation()
+}
 
 // Heal puts an isolated node's port back to forwarding.
-func (n *Node) Heal() error { return n.bridgePortState("c-"+n.spec.Name, "3") }
+func (n *Node) Heal() error {
+	if err := os.Remove(n.isolatedPath()); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("lab: %w", err)
+	}
+	err := n.bridgePortState("c-"+n.spec.Name, "3")
+	if errors.Is(err, errNoCarrier) {
+		// A dark port cannot be set; it forwards when its carrier returns.
+		return nil
+	}
+	return err
+}
+
+func (n *Node) isolatedPath() string { return filepath.Join(n.dir, "isolated") }
+
+// applyIsolation disables the port if the node is isolated. A powered-off
+// node's port has no carrier and refuses the change, so at power on this
+// waits (briefly) for the carrier the boot brings back.
+func (n *Node) applyIsolation() error {
+	if _, err := os.Stat(n.isolatedPath()); err != nil {
+		return nil
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		err := n.bridgePortState("c-"+n.spec.Name, "0")
+		if !errors.Is(err, errNoCarrier) {
+			return err
+		}
+		if n.PowerState() == PowerOff {
+			return nil // applied by the next power on
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// errNoCarrier: the bridge refuses to change the state of a port whose
+// carrier is down (the node's end is down: no power).
+var errNoCarrier = errors.New("lab: bridge port has no carrier")
 
 func (n *Node) bridgePortState(port, state string) error {
 	out, err := exec.Command("bridge", "-n", n.lab.sw.name, "link", "set", "dev", port, "state", state).CombinedOutput()
 	if err != nil {
+		if strings.Contains(string(out), "Network is down") {
+			return fmt.Errorf("lab: bridge link set %s state %s: %w", port, state, errNoCarrier)
+		}
 		return fmt.Errorf("lab: bridge link set %s state %s: %w: %s", port, state, err, out)
 	}
 	return nil

@@ -73,11 +73,24 @@ func (w tWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// HasanBinEnv names a prebuilt hasan binary for BuildHasan to use instead
+// of building the working tree (a tree other people are editing may not
+// build for a while; a benchmark may want a release binary).
+const HasanBinEnv = "HASAN_BIN"
+
 // BuildHasan builds ./cmd/hasan of the module that contains the working
-// directory into a temporary directory and returns the binary's path.
-// The Go build cache makes repeated calls cheap.
+// directory into a temporary directory and returns the binary's path, or
+// returns $HASAN_BIN when set. The Go build cache makes repeated calls
+// cheap.
 func BuildHasan(t testing.TB) string {
 	t.Helper()
+	if bin := os.Getenv(HasanBinEnv); bin != "" {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("lab: %s=%s: %v", HasanBinEnv, bin, err)
+		}
+		t.Logf("lab: using %s=%s", HasanBinEnv, bin)
+		return bin
+	}
 	dir, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
