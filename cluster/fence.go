@@ -35,20 +35,47 @@ type stateManualAgent struct {
 	state    func() *State
 	lastSeen func(node string) time.Time
 	log      *slog.Logger
+	// alert, if set, commits an alert event: the operator must learn
+	// from the event log, not only from the leader's log, that a takeover
+	// waits for them.
+	alert func(ctx context.Context, node, msg string)
 
 	mu        sync.Mutex
 	requested bool
+	used      *FenceConfirmation // the confirmation Status accepted
 }
 
-var _ fencing.Agent = (*stateManualAgent)(nil)
+var (
+	_ fencing.Agent         = (*stateManualAgent)(nil)
+	_ fencing.WithConfirmer = (*stateManualAgent)(nil)
+)
 
-func (m *stateManualAgent) Off(context.Context) error {
+func (m *stateManualAgent) Off(ctx context.Context) error {
 	m.mu.Lock()
 	m.requested = true
+	m.used = nil
 	m.mu.Unlock()
+	if _, ok := m.valid(); ok {
+		return nil
+	}
 	m.log.Warn("cluster: manual fence requested; an operator must check the node is off and confirm it",
 		"node", m.node, "warning", fencing.ManualWarning)
+	if m.alert != nil {
+		m.alert(ctx, m.node, fmt.Sprintf("node %s failed; its fence is manual: no takeover until an operator checks it is powered off "+
+			"and confirms (hasan fence confirm %s --by NAME, or POST /api/v1/nodes/%s/fence-confirm)", m.node, m.node, m.node))
+	}
 	return nil
+}
+
+// valid returns the node's confirmation if it was made after the node was
+// last heard from. A confirmation older than the last heartbeat was about
+// an earlier state of the node: it has been up since.
+func (m *stateManualAgent) valid() (FenceConfirmation, bool) {
+	c, ok := m.state().FenceConfirms[m.node]
+	if ok && c.At.After(m.lastSeen(m.node)) {
+		return c, true
+	}
+	return FenceConfirmation{}, false
 }
 
 func (m *stateManualAgent) On(context.Context) error {
@@ -62,13 +89,37 @@ func (m *stateManualAgent) Status(context.Context) (fencing.PowerState, error) {
 	if !requested {
 		return fencing.PowerOn, nil
 	}
-	c, ok := m.state().FenceConfirms[m.node]
-	// A confirmation older than the node's last heartbeat was about an
-	// earlier state of the node: it has been up since.
-	if ok && c.At.After(m.lastSeen(m.node)) {
+	if c, ok := m.valid(); ok {
+		m.mu.Lock()
+		m.used = &c
+		m.mu.Unlock()
 		return fencing.PowerOff, nil
 	}
 	return fencing.PowerOn, nil
+}
+
+// ConfirmOff is refused: in a cluster the confirmation must be committed
+// (ConfirmFence) so that whichever node leads sees it.
+func (m *stateManualAgent) ConfirmOff(string, string) (fencing.Confirmation, error) {
+	return fencing.Confirmation{}, fmt.Errorf("cluster: confirm %s through the cluster (fence-confirm), not the device", m.node)
+}
+
+// Pending reports whether a fence waits for a confirmation.
+func (m *stateManualAgent) Pending() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.requested && m.used == nil
+}
+
+// LastConfirmation is the confirmation that made Status read off, so the
+// fence history records who confirmed and when.
+func (m *stateManualAgent) LastConfirmation() (fencing.Confirmation, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.used == nil {
+		return fencing.Confirmation{}, false
+	}
+	return fencing.Confirmation{By: m.used.By, At: m.used.At}, true
 }
 
 func (m *stateManualAgent) Monitor(context.Context) error { return nil }
@@ -81,12 +132,27 @@ func (m *stateManualAgent) List(context.Context) ([]fencing.Plug, error) {
 // state: fsm is read for confirmations (ConfirmFence), and lastSeen gives
 // each node's last heartbeat (Node.LastSeen on the leader; zero if never
 // heard). A manual device stands for the node whose topology uses it, or,
-// if none or several do, for the node its manual.node names.
+// if none or several do, for the node its manual.node names. Each manual
+// attempt that finds no valid confirmation commits a fence-manual-wait
+// alert event when history is a *FenceHistory, and the history record of
+// a confirmed fence carries the confirmation's operator and time.
 func BuildClusterFencer(st *State, fsm *FSM, history fencing.HistoryStore, logger *slog.Logger, now func() time.Time,
 	lastSeen func(node string) time.Time) (*fencing.Fencer, error) {
 	f, err := BuildFencer(st, history, logger, now)
 	if err != nil {
 		return nil, err
+	}
+	// The history's proposer, when it has one, also carries the "waiting
+	// for an operator" alert into the event log.
+	var alert func(ctx context.Context, node, msg string)
+	if h, ok := history.(*FenceHistory); ok && h.P != nil {
+		alert = func(ctx context.Context, node, msg string) {
+			_, err := h.P.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{
+				Severity: SeverityAlert, Kind: "fence-manual-wait", Node: node, Message: msg}}})
+			if err != nil {
+				logOr(logger).Warn("cluster: manual fence alert not recorded", "err", err)
+			}
+		}
 	}
 	for name, d := range st.FenceDevices {
 		if d.Type != "manual" {
@@ -109,7 +175,7 @@ func BuildClusterFencer(st *State, fsm *FSM, history fencing.HistoryStore, logge
 			node = users[0]
 		}
 		dev := f.Devices[name]
-		dev.Agent = &stateManualAgent{node: node, state: fsm.State, lastSeen: lastSeen, log: logOr(logger)}
+		dev.Agent = &stateManualAgent{node: node, state: fsm.State, lastSeen: lastSeen, log: logOr(logger), alert: alert}
 		f.Devices[name] = dev
 	}
 	return f, nil

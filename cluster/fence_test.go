@@ -54,8 +54,25 @@ func TestManualFenceWaitsForConfirmation(t *testing.T) {
 	if _, err := loc.Propose(ctx, cFenceConfirm("a", "alice")); err != nil {
 		t.Fatal(err)
 	}
+	confirmedAt := loc.FSM.State().FenceConfirms["a"].At
 	if err := fence(); err != nil {
 		t.Fatalf("confirmed manual fence: %v", err)
+	}
+	// The history says who confirmed and when; the unconfirmed attempts
+	// left an alert naming what the operator must do.
+	st := loc.FSM.State()
+	last := st.FenceHistory[len(st.FenceHistory)-1]
+	if last.Outcome != fencing.OutcomeSuccess || last.ConfirmedBy != "alice" || !last.ConfirmedAt.Equal(confirmedAt) {
+		t.Fatalf("history record of the confirmed fence: %+v (confirmation at %v)", last, confirmedAt)
+	}
+	waits := 0
+	for _, e := range st.Events {
+		if e.Kind == "fence-manual-wait" && e.Node == "a" && e.Severity == SeverityAlert {
+			waits++
+		}
+	}
+	if waits != 2 {
+		t.Fatalf("%d manual-wait alerts for the two unconfirmed attempts, want 2: %+v", waits, st.Events)
 	}
 	// The history now allows the takeover, which consumes the
 	// confirmation: the next incident needs a new one.

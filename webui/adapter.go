@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/hashicorp/raft"
@@ -410,10 +411,29 @@ func (s *NodeService) SetNodeFence(ctx context.Context, id string, topo fencing.
 	return err
 }
 
-// ConfirmFence implements Service.
+// heardRecently is how recent a heartbeat makes ConfirmFence refuse: the
+// node is evidently running. It only catches the obvious mistake early;
+// the cluster's manual device ignores any confirmation older than the
+// node's last heartbeat whatever this says.
+const heardRecently = 2 * cluster.DefaultFailureTimeout
+
+// ConfirmFence implements Service through cluster.Node.ConfirmFence. It
+// refuses, before committing anything, a node that this node still hears
+// heartbeats from, and this node itself.
 func (s *NodeService) ConfirmFence(ctx context.Context, node, operator string) error {
-	_, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindFenceConfirm,
-		FenceConfirm: &cluster.FenceConfirmCmd{Node: node, Operator: operator}})
+	if node == s.n.ID() {
+		return fmt.Errorf("%w: node %s is serving this request: it is running, not off; nothing recorded", cluster.ErrNodeState, node)
+	}
+	if at, ok := s.n.LastSeen()[node]; ok {
+		if ago := time.Since(at); ago < heardRecently {
+			return fmt.Errorf("%w: node %s sent a heartbeat %v ago: it is running, not off; nothing recorded",
+				cluster.ErrNodeState, node, ago.Round(time.Millisecond))
+		}
+	}
+	err := s.n.ConfirmFence(ctx, node, operator)
+	if err != nil && errors.Is(err, cluster.ErrNotLeader) {
+		return &NotLeaderError{LeaderAPI: s.leaderAPI(), Err: err}
+	}
 	return err
 }
 

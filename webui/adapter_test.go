@@ -167,12 +167,32 @@ func TestNodeServiceFence(t *testing.T) {
 	must("DELETE", "/api/v1/fence-devices/ops", "", 204)
 	must("GET", "/api/v1/fence-devices/ops", "", 404)
 	must("GET", "/api/v1/cluster", "", 200)
-	must("POST", "/api/v1/nodes/n1/fence-confirm", `{"operator":"alice"}`, 204)
-	must("POST", "/api/v1/nodes/n7/fence-confirm", `{"operator":"alice"}`, 404)
-	if got := n.FSM().State().FenceConfirms["n1"]; got.By != "alice" || got.At.IsZero() {
+	// Manual confirmation: never for the node answering (it is running),
+	// nor for a node still heard from, nor without the acknowledgement.
+	if _, err := n.Propose(context.Background(), &cluster.Command{Kind: cluster.KindNodeAdd, NodeAdd: &cluster.NodeAddCmd{
+		Node: cluster.NodeInfo{ID: "n2", Role: cluster.RoleStorage, RaftAddr: "127.0.0.1:1"}}}); err != nil {
+		t.Fatal(err)
+	}
+	const ack = `{"operator":"alice","verified_off":true}`
+	if b := must("POST", "/api/v1/nodes/n1/fence-confirm", ack, 409); !strings.Contains(b, "serving this request") {
+		t.Errorf("self confirmation refused with %s", b)
+	}
+	must("POST", "/api/v1/nodes/n2/fence-confirm", `{"operator":"alice"}`, 400)
+	n.Heartbeat("n2", time.Now())
+	if b := must("POST", "/api/v1/nodes/n2/fence-confirm", ack, 409); !strings.Contains(b, "sent a heartbeat") {
+		t.Errorf("confirmation of a beating node refused with %s", b)
+	}
+	if _, ok := n.FSM().State().FenceConfirms["n2"]; ok {
+		t.Fatal("a refused confirmation was recorded")
+	}
+	n.Heartbeat("n2", time.Now().Add(-time.Minute)) // no effect: older
+	time.Sleep(heardRecently)
+	must("POST", "/api/v1/nodes/n2/fence-confirm", ack, 204)
+	must("POST", "/api/v1/nodes/n7/fence-confirm", ack, 404)
+	if got := n.FSM().State().FenceConfirms["n2"]; got.By != "alice" || got.At.IsZero() {
 		t.Fatalf("confirmation in the state: %+v", got)
 	}
-	if ev := must("GET", "/api/v1/events?limit=100", "", 200); !strings.Contains(ev, "alice confirmed node n1") {
+	if ev := must("GET", "/api/v1/events?limit=100", "", 200); !strings.Contains(ev, "alice confirmed node n2") {
 		t.Errorf("no confirmation event: %s", ev)
 	}
 

@@ -177,11 +177,18 @@ func (s *Server) putNodeFence(c *gin.Context) {
 
 type confirmReq struct {
 	Operator string `json:"operator"`
+	// VerifiedOff is the operator's explicit acknowledgement that they
+	// checked the node is powered off: the request is refused without it,
+	// so no client can confirm by sending a name alone.
+	VerifiedOff bool `json:"verified_off"`
 }
 
 // confirmFence is the API side of a manual fence: an operator states that
-// the node is off. It is recorded (and logged as an alert event) by the
-// cluster with the operator's name; the console or CLI must show
+// the node is off. The cluster records it with the operator's name and
+// time (an alert event), a manual fence device of the node then reads off,
+// and the controller's waiting takeover goes on. A node that is not really
+// off then writes the same volumes as its successor, so the body must
+// carry verified_off: true, and the console or CLI must show
 // fencing.ManualWarning before sending it.
 func (s *Server) confirmFence(c *gin.Context) {
 	var req confirmReq
@@ -192,6 +199,11 @@ func (s *Server) confirmFence(c *gin.Context) {
 	op := strings.TrimSpace(req.Operator)
 	if op == "" || len(op) > 128 {
 		s.fail(c, invalid("operator", "name who confirms (1 to 128 bytes): a confirmation lets a takeover proceed"))
+		return
+	}
+	if !req.VerifiedOff {
+		s.fail(c, invalid("verified_off", "must be true: you state that you checked the node is powered off; "+
+			"if it is still running, the takeover this allows lets two nodes write the same volumes and CORRUPTS DATA"))
 		return
 	}
 	s.log.Warn("webui: operator confirms a node is off", "node", c.Param("id"), "operator", op)

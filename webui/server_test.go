@@ -252,7 +252,7 @@ func endpoints() []endpoint {
 				t.Errorf("topology %+v", got)
 			}
 		}},
-		{"POST", "/api/v1/nodes/n1/fence-confirm", `{"operator":"alice"}`, 204, "ConfirmFence", func(t *testing.T, f *fakeService, b string) {
+		{"POST", "/api/v1/nodes/n1/fence-confirm", `{"operator":"alice","verified_off":true}`, 204, "ConfirmFence", func(t *testing.T, f *fakeService, b string) {
 			if got := f.st.FenceConfirms["n1"]; got.By != "alice" {
 				t.Errorf("confirmation %+v", got)
 			}

@@ -238,7 +238,19 @@ func TestCLIWorkflow(t *testing.T) {
 			t.Fatalf("an unconfirmed prompt was recorded: %+v", got)
 		}
 	})
-	c.ok("fence", "confirm", "n1", "--by", "carol", "--yes")
+	// No prompt at all (a script with no terminal) records nothing either.
+	if _, err := c.run("", "fence", "confirm", "n2", "--by", "dave"); err == nil || !strings.Contains(err.Error(), "nothing was recorded") {
+		t.Fatalf("empty stdin: %v", err)
+	}
+	// The old one-word --yes is gone: scripts must spell out what they state.
+	c.fails([]string{"fence", "confirm", "n1", "--by", "carol", "--yes"}, "unknown flag")
+	contains(t, "fence confirm --yes-i-verified-it-is-off", c.ok("fence", "confirm", "n1", "--by", "carol", "--yes-i-verified-it-is-off"),
+		"CORRUPTS DATA", "carol confirmed that n1 is powered off")
+	svc.read(func(st *cluster.State) {
+		if got := st.FenceConfirms["n1"]; got.By != "carol" {
+			t.Fatalf("scripted confirmation %+v", got)
+		}
+	})
 
 	c.fails([]string{"node", "remove", "n2"}, "409", "holds a replica")
 	contains(t, "node remove", c.ok("node", "remove", "w1"), "node w1 removed")
@@ -312,8 +324,8 @@ func TestCLIErrors(t *testing.T) {
 		{[]string{"fence", "topology", "set", "n1", "--level", ","}, []string{"--level 1 is empty"}},
 		{[]string{"fence", "topology", "set", "n1", "--level", "a", "--action", "halt"}, []string{"--action halt"}},
 		{[]string{"events", "--limit", "-1"}, []string{"--limit -1"}},
-		{[]string{"fence", "confirm", "n1", "--yes"}, []string{"--by"}},
-		{[]string{"fence", "confirm", "n9", "--by", "alice", "--yes"}, []string{"404", "node n9"}},
+		{[]string{"fence", "confirm", "n1", "--yes-i-verified-it-is-off"}, []string{"--by"}},
+		{[]string{"fence", "confirm", "n9", "--by", "alice", "--yes-i-verified-it-is-off"}, []string{"404", "node n9"}},
 	}
 	for _, tc := range cases {
 		c.fails(tc.args, tc.want...)

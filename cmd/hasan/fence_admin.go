@@ -338,20 +338,26 @@ func newFenceHistoryCmd() *cobra.Command {
 	return c
 }
 
+// confirmAckFlag is the scripted form of typing the node's name: long on
+// purpose, so nobody passes it without reading what it says.
+const confirmAckFlag = "yes-i-verified-it-is-off"
+
 // newFenceConfirmCmd is the operator's side of a manual fence device. The
-// confirmation lets a takeover proceed, so the warning is shown and the
-// node's name must be typed back unless --yes.
+// confirmation lets a takeover proceed, so the stakes are printed and the
+// node's name must be typed back unless --yes-i-verified-it-is-off.
 func newFenceConfirmCmd() *cobra.Command {
 	var (
 		by  string
-		yes bool
+		ack bool
 	)
 	c := &cobra.Command{
 		Use:   "confirm NODE --by NAME",
-		Short: "state that NODE is powered off, for a manual fence device waiting on it (REST API)",
-		Long: fencing.ManualWarning + "\n\nThe confirmation is committed with your name and logged as an alert event " +
-			"(hasan events). It is what a manual fence device of NODE waits for; docs/operations.md says whether " +
-			"this build's controller honours it yet.",
+		Short: "state that NODE is powered off, so a takeover waiting on its manual fence device proceeds (REST API)",
+		Long: fencing.ManualWarning + "\n\nA manual fence device of NODE reads off once this confirmation is committed, " +
+			"provided it is newer than NODE's last heartbeat; the controller's waiting takeover then moves NODE's groups " +
+			"to another node, which writes NODE's volumes from then on. The confirmation is recorded with your name and " +
+			"the time (hasan events, and hasan fence history once the fence completes). The cluster refuses it while " +
+			"NODE still sends heartbeats.\n\nScripts pass --" + confirmAckFlag + " instead of typing the node name.",
 		Args: cobra.ExactArgs(1),
 		RunE: apiRun(func(cmd *cobra.Command, c *apiClient, args []string) error {
 			node := args[0]
@@ -359,21 +365,37 @@ func newFenceConfirmCmd() *cobra.Command {
 				return errors.New("--by: give your name; it is recorded with the confirmation")
 			}
 			out := cmd.OutOrStdout()
-			if !yes {
-				fmt.Fprintf(out, "%s\nType the node name (%s) to confirm it is powered off: ", fencing.ManualWarning, node)
+			fmt.Fprintf(out, "%s\n", fencing.ManualWarning)
+			var groups []cluster.Group
+			if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/groups", nil, &groups); err == nil {
+				var owned []string
+				for _, g := range groups {
+					if g.Owner == node {
+						owned = append(owned, g.Name)
+					}
+				}
+				if len(owned) > 0 {
+					fmt.Fprintf(out, "At stake: %s owns group(s) %s; confirming lets another node take them over and write their volumes.\n",
+						node, strings.Join(owned, ", "))
+				}
+			}
+			if !ack {
+				fmt.Fprintf(out, "Type the node name (%s) to confirm it is powered off: ", node)
 				line, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
 				if strings.TrimSpace(line) != node {
 					return errors.New("fence confirm: not confirmed; nothing was recorded")
 				}
 			}
-			if err := c.call(cmd.Context(), http.MethodPost, "/api/v1/nodes/"+seg(node)+"/fence-confirm", map[string]string{"operator": by}, nil); err != nil {
+			body := map[string]any{"operator": by, "verified_off": true}
+			if err := c.call(cmd.Context(), http.MethodPost, "/api/v1/nodes/"+seg(node)+"/fence-confirm", body, nil); err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "recorded: %s confirmed that %s is powered off (see `hasan events`)\n", by, node)
+			fmt.Fprintf(out, "recorded: %s confirmed that %s is powered off; a takeover waiting on its manual fence proceeds "+
+				"(see `hasan events` and `hasan fence history --node %s`)\n", by, node, node)
 			return nil
 		}),
 	}
 	c.Flags().StringVar(&by, "by", "", "your name, recorded with the confirmation (required)")
-	c.Flags().BoolVar(&yes, "yes", false, "do not ask to type the node name")
+	c.Flags().BoolVar(&ack, confirmAckFlag, false, "do not ask to type the node name: you checked NODE is powered off (for scripts)")
 	return c
 }
