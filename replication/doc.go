@@ -17,6 +17,7 @@
 //		Local.Persist(rd.Persist)      // durable first: activity log (ALFile, one
 //		                               // flush), dirty bits and epoch (SaveMeta)
 //		issue rd.Local; send rd.Send   // results come back as LocalDone / Step events
+//		core.Sent(rd)                  // ack timeouts of rd.Send run from now
 //		hand rd.Propose to Membership  // result comes back as MembershipResult
 //		complete rd.Acks               // only now is the initiator answered
 //	}

@@ -57,6 +57,10 @@ func (t MsgType) String() string {
 const (
 	FlagFUA uint8 = 1 << iota
 	FlagResync
+	// FlagFresh on a HelloAck: the replica was created together with the
+	// volume, at its creation generation, and has not applied a message
+	// from any primary since (Meta.Fresh).
+	FlagFresh
 )
 
 // Message is one protocol message. Fields not used by a type are zero.
@@ -73,6 +77,10 @@ type Message struct {
 	Err     string
 	Regions []uint64
 	Data    []byte
+	// Hold, when set, is the reference count of the buffer Data points
+	// into (a caller's WriteAt buffer). The codec ignores it; the state
+	// machine only carries it over from the Request.
+	Hold *Hold
 }
 
 func (m Message) String() string {
@@ -105,6 +113,9 @@ func (m Message) String() string {
 	}
 	if m.Flags&FlagResync != 0 {
 		s += " resync"
+	}
+	if m.Flags&FlagFresh != 0 {
+		s += " fresh"
 	}
 	if m.Err != "" {
 		s += " err=" + m.Err

@@ -26,6 +26,16 @@ type Meta struct {
 	// the same data except for the regions in a bitmap or activity log.
 	// Zero means unknown (a new replica): it gets a full sync.
 	Gen uint64 `json:"gen"`
+	// Fresh marks a replica created together with its volume at the
+	// volume's creation generation (LocalOptions.Gen), all zeros, that has
+	// not changed since: a primary clears it before its first write, a
+	// replica when it accepts its first message after a handshake. Two
+	// fresh replicas of the same generation are identical without a sync;
+	// a fresh replica is never taken as in sync with a primary that is no
+	// longer fresh, even at the same generation (say, a disk replaced and
+	// recreated with the creation generation by mistake): it gets a full
+	// sync.
+	Fresh bool `json:"fresh,omitempty"`
 	// AL is the activity log: regions that may have writes in flight. On a
 	// primary it is its own; on a replica it is the copy the primary sent.
 	// It is persisted in the ALFile, not in the metadata file.

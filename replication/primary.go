@@ -89,6 +89,7 @@ type op struct {
 	lerr    error
 	acked   map[string]bool   // peers whose ack is awaited (false) or received (true)
 	sent    map[string]uint64 // peer → seq
+	sentAt  map[string]int    // peer → tick its message was sent
 	need    map[string]bool   // ISR peers the initiator ack waits for
 	sums    map[string][]byte
 	tick    int
@@ -387,10 +388,7 @@ func (p *Primary) issue(o *op) {
 		for _, id := range p.order {
 			pe := p.peers[id]
 			if pe.inISR && pe.mode == peerUp && !pe.removing {
-				o.acked[id] = false
-				seq := p.send(id, Message{Type: MsgChecksum, Off: o.lo, Len: o.hi - o.lo})
-				o.sent[id] = seq
-				p.bySeq[seq] = o
+				p.track(o, id, p.send(id, Message{Type: MsgChecksum, Off: o.lo, Len: o.hi - o.lo}))
 			}
 		}
 	}
@@ -399,16 +397,22 @@ func (p *Primary) issue(o *op) {
 
 func (p *Primary) issueUser(o *op) {
 	r := o.req
+	if p.meta.Fresh && (r.Kind == ReqWrite || r.Kind == ReqUnmap) {
+		// Durable before this write is issued anywhere (PersistMeta): a
+		// fresh replica must never again be taken as identical to us.
+		p.meta.Fresh = false
+		p.persistMeta = true
+	}
 	var m Message
 	var lop LocalOp
 	switch r.Kind {
 	case ReqWrite:
 		p.touchAL(o.lo, o.hi)
-		m = Message{Type: MsgWrite, Off: r.Off, Data: r.Data}
+		m = Message{Type: MsgWrite, Off: r.Off, Data: r.Data, Hold: r.Hold}
 		if r.FUA {
 			m.Flags |= FlagFUA
 		}
-		lop = LocalOp{Kind: LocalWrite, Off: r.Off, Len: int64(len(r.Data)), Data: r.Data, FUA: r.FUA}
+		lop = LocalOp{Kind: LocalWrite, Off: r.Off, Len: int64(len(r.Data)), Data: r.Data, FUA: r.FUA, Hold: r.Hold}
 	case ReqUnmap:
 		p.touchAL(o.lo, o.hi)
 		m = Message{Type: MsgUnmap, Off: r.Off, Len: r.Len}
@@ -431,9 +435,10 @@ func (p *Primary) issueUser(o *op) {
 		// a resyncing replica so it converges while the volume is busy.
 		if pe.mode == peerUp && (r.Kind != ReqFlush || pe.inISR) {
 			seq := p.send(id, m)
-			o.sent[id] = seq
-			o.acked[id] = false
-			p.bySeq[seq] = o
+			// The initiator does not wait for a replica outside the ISR,
+			// so neither may the caller's buffer.
+			p.rd.Send[len(p.rd.Send)-1].Copy = !pe.inISR && m.Hold != nil
+			p.track(o, id, seq)
 		} else if o.hi > o.lo {
 			p.markDirty(id, o.lo, o.hi)
 		}
@@ -480,6 +485,36 @@ func (p *Primary) check(o *op) {
 		if p.allSentAcked(o) {
 			p.releaseOp(o)
 			p.afterGen(o)
+		}
+	}
+}
+
+// track records that o's message seq went to id now: its ack is awaited,
+// and the ack timeout runs from this tick (a resync chunk is sent only after
+// its local read, which may have waited on the rate limit).
+func (p *Primary) track(o *op, id string, seq uint64) {
+	o.sent[id] = seq
+	o.acked[id] = false
+	p.bySeq[seq] = o
+	if o.sentAt == nil {
+		o.sentAt = make(map[string]int)
+	}
+	o.sentAt[id] = notSent
+	p.rd.stamps = append(p.rd.stamps, stamp{o, id})
+}
+
+// notSent marks an awaited ack whose message the shell has not sent yet
+// (Sent): no ack timeout runs for it.
+const notSent = -1
+
+// Sent reports that rd's messages were handed to their connections now: the
+// ack timeout of each runs from this tick; until then none runs (the shell
+// may hold a Ready while its Persist is made durable). A message whose
+// connection has died meanwhile is not awaited any more and stays so.
+func (p *Primary) Sent(rd Ready) {
+	for _, s := range rd.stamps {
+		if _, ok := s.o.sentAt[s.id]; ok {
+			s.o.sentAt[s.id] = p.ticks
 		}
 	}
 }
@@ -548,9 +583,7 @@ func (p *Primary) LocalDone(token uint64, err error, data []byte) {
 		pe := p.peers[o.peer]
 		if err == nil && pe.mode == peerUp {
 			seq := p.send(o.peer, Message{Type: MsgWrite, Flags: FlagResync, Off: o.lo, Data: data})
-			o.sent[o.peer] = seq
-			o.acked[o.peer] = false
-			p.bySeq[seq] = o
+			p.track(o, o.peer, seq)
 		}
 	case opVerify:
 		o.sums[p.cfg.Self] = data
@@ -588,6 +621,13 @@ func (p *Primary) PeerDown(id string, reason error) {
 	for _, o := range slices.Clone(p.active) {
 		if seq, ok := o.sent[id]; ok && !o.acked[id] {
 			delete(p.bySeq, seq)
+			// The message died with the connection: nothing may wait for
+			// its ack any more, in particular not a later connection
+			// (which would otherwise be timed out for a message it never
+			// received).
+			delete(o.sent, id)
+			delete(o.acked, id)
+			delete(o.sentAt, id)
 			if o.kind == opUser && o.hi > o.lo {
 				p.markDirty(id, o.lo, o.hi)
 			}
@@ -629,9 +669,7 @@ func (p *Primary) startRemoval(id string) {
 		}
 		if o.inISR && !o.removing && o.mode == peerUp {
 			seq := p.send(oid, Message{Type: MsgGen, Gen: g.addGen})
-			g.sent[oid] = seq
-			g.acked[oid] = false
-			p.bySeq[seq] = g
+			p.track(g, oid, seq)
 		}
 	}
 	p.check(g)
@@ -789,7 +827,12 @@ func (p *Primary) Step(from string, m Message) {
 func (p *Primary) handshake(pe *peer, m Message) {
 	id := pe.id
 	pm := p.meta.Peers[id]
+	// A replica still fresh from creation holds zeros: it matches this
+	// node's lineage only while this node is fresh too.
+	staleFresh := m.Flags&FlagFresh != 0 && !p.meta.Fresh
 	switch {
+	case staleFresh:
+		p.fullSync(pe)
 	case m.Gen != 0 && pm != nil && m.Gen == pm.Base:
 		// Incremental: the bitmap kept since it left, plus whatever the
 		// replica's activity log says may differ.
@@ -801,20 +844,7 @@ func (p *Primary) handshake(pe *peer, m Message) {
 		}
 		p.meta.Peers[id].Base = m.Gen
 	default:
-		// Unknown lineage: full sync. The replica is first given a new
-		// generation that this bitmap is relative to, so an interrupted full
-		// sync resumes instead of restarting.
-		if pe.inISR && !pe.removing {
-			p.startRemoval(id)
-		}
-		base := p.cfg.NewGen()
-		pm = &PeerMeta{Base: base, Dirty: NewBitmap(p.meta.Regions())}
-		pm.Dirty.SetAll()
-		p.meta.Peers[id] = pm
-		p.persistMeta = true
-		p.send(id, Message{Type: MsgGen, Gen: base})
-		pe.knownGen = base
-		pe.done, pe.total = 0, p.dirtyBytes(id)
+		p.fullSync(pe)
 	}
 	// An ISR member that missed a write still waiting for it cannot catch
 	// up in place: that write would wait on a resync that waits on it.
@@ -840,6 +870,24 @@ func (p *Primary) handshake(pe *peer, m Message) {
 	}
 	p.send(id, Message{Type: MsgAL, Regions: slices.Clone(p.meta.AL)})
 	p.pumpResync()
+}
+
+// fullSync starts a full sync of a replica of unknown lineage. The replica
+// is first given a new generation that this bitmap is relative to, so an
+// interrupted full sync resumes instead of restarting.
+func (p *Primary) fullSync(pe *peer) {
+	id := pe.id
+	if pe.inISR && !pe.removing {
+		p.startRemoval(id)
+	}
+	base := p.cfg.NewGen()
+	pm := &PeerMeta{Base: base, Dirty: NewBitmap(p.meta.Regions())}
+	pm.Dirty.SetAll()
+	p.meta.Peers[id] = pm
+	p.persistMeta = true
+	p.send(id, Message{Type: MsgGen, Gen: base})
+	pe.knownGen = base
+	pe.done, pe.total = 0, p.dirtyBytes(id)
 }
 
 // pumpResync starts resync chunks for connected peers with dirty regions,
@@ -873,8 +921,7 @@ func (p *Primary) pumpResync() {
 			p.ops[g.token] = g
 			p.active = append(p.active, g)
 			seq := p.send(id, Message{Type: MsgGen, Gen: g.addGen})
-			g.sent[id] = seq
-			p.bySeq[seq] = g
+			p.track(g, id, seq)
 		}
 	}
 }
@@ -963,28 +1010,48 @@ func (p *Primary) Tick() {
 	if p.cfg.AckTimeoutTicks <= 0 {
 		return
 	}
-	var late []string
+	late := map[string]string{} // peer → what it left unanswered
 	for _, o := range p.active {
+		for id, ok := range o.acked {
+			at, sent := o.sentAt[id]
+			if d := p.ticks - at; !ok && sent && at != notSent && p.peers[id].mode == peerUp && d >= p.cfg.AckTimeoutTicks && late[id] == "" {
+				late[id] = fmt.Sprintf("%s unanswered for %d ticks", o.describe(), d)
+			}
+		}
 		if p.ticks-o.tick < p.cfg.AckTimeoutTicks {
 			continue
-		}
-		for id, ok := range o.acked {
-			if !ok && p.peers[id].mode == peerUp && !slices.Contains(late, id) {
-				late = append(late, id)
-			}
 		}
 		// An ISR member that is not even connected holds up every write.
 		for id := range o.need {
 			pe := p.peers[id]
-			if _, sent := o.sent[id]; !sent && pe.inISR && !pe.removing && !slices.Contains(late, id) {
-				late = append(late, id)
+			if _, sent := o.sent[id]; !sent && pe.inISR && !pe.removing && late[id] == "" {
+				late[id] = fmt.Sprintf("%s waiting %d ticks for it to connect", o.describe(), p.ticks-o.tick)
 			}
 		}
 	}
-	sort.Strings(late)
-	for _, id := range late {
-		p.PeerDown(id, errors.New("replication: ack timeout"))
+	ids := make([]string, 0, len(late))
+	for id := range late {
+		ids = append(ids, id)
 	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		p.PeerDown(id, fmt.Errorf("replication: ack timeout: %s", late[id]))
+	}
+}
+
+// describe names o for logs and errors.
+func (o *op) describe() string {
+	switch o.kind {
+	case opUser:
+		return fmt.Sprintf("%s %d+%d", o.req.Kind, o.lo, o.hi-o.lo)
+	case opResync:
+		return fmt.Sprintf("resync of region %d", o.region)
+	case opVerify:
+		return fmt.Sprintf("checksum of region %d", o.region)
+	case opGen:
+		return fmt.Sprintf("generation %x", o.addGen)
+	}
+	return "operation"
 }
 
 // PeerStatus is a snapshot of one replica as the primary sees it.

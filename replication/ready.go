@@ -24,6 +24,13 @@ type Request struct {
 	Len  int64
 	Data []byte
 	FUA  bool
+	// Hold, when set, counts the shell's references to Data, which the
+	// caller owns; the state machine copies it into the messages and local
+	// operations that carry Data. Contract: every message carrying Data is
+	// in a Ready no later than the request's Ack (the caller reuses Data
+	// once the shell's references are gone), and a message to a peer whose
+	// ack the Ack does not wait for is marked Envelope.Copy.
+	Hold *Hold
 }
 
 // LocalKind names an operation on the primary's own disk.
@@ -55,6 +62,7 @@ type LocalOp struct {
 	Len   int64
 	Data  []byte
 	FUA   bool
+	Hold  *Hold // Request.Hold of a LocalWrite
 }
 
 // Envelope is a message for one peer. Messages to the same peer must be
@@ -62,6 +70,11 @@ type LocalOp struct {
 type Envelope struct {
 	To  string
 	Msg Message
+	// Copy asks the shell to send a copy of Msg.Data instead of the
+	// caller's buffer (Msg.Hold): the initiator's acknowledgement does not
+	// wait for this peer (it is outside the ISR), so the caller's buffer
+	// must not wait for it either.
+	Copy bool
 }
 
 // ProposalKind names an ISR change.
@@ -117,6 +130,10 @@ type VerifyResult struct {
 //     Persist.AL is filled in.
 //  2. Local and Send are issued (concurrently with each other; Send in order
 //     per peer). Disconnect names peers whose connection must be dropped.
+//     Once Send is handed to the connections the shell calls
+//     Primary.Sent(rd): the ack timeout of those messages runs from then,
+//     not from when they were made (a Ready may wait for its Persist), and
+//     not at all for a message never reported sent.
 //  3. Propose is handed to Membership.
 //  4. Acks are returned to the initiator. A write is in Acks only once the
 //     local disk and every member of the committed ISR have it (or a member
@@ -135,6 +152,14 @@ type Ready struct {
 	// Unhealthy is set when the primary's own disk failed: the node must be
 	// reported unhealthy so the cluster moves the volume.
 	Unhealthy error
+
+	// stamps are the awaited acks of Send, for Primary.Sent.
+	stamps []stamp
+}
+
+type stamp struct {
+	o  *op
+	id string
 }
 
 // Empty reports whether there is nothing to do.

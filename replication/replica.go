@@ -69,6 +69,13 @@ func (r *Replica) Step(m Message) {
 		r.dirtyMD = true
 		r.rd.Barrier = true
 	}
+	if m.Type != MsgHello && r.meta.Fresh {
+		// The first message a primary sends after the handshake (its
+		// activity log, ahead of any data): from now on this replica is
+		// only as good as its generation says, like any other.
+		r.meta.Fresh = false
+		r.dirtyMD = true
+	}
 	ack := Message{Type: MsgAck, Epoch: r.meta.Epoch, Seq: m.Seq}
 	switch m.Type {
 	case MsgHello:
@@ -83,8 +90,11 @@ func (r *Replica) Step(m Message) {
 			r.dirtyMD = true
 		}
 		r.rd.Barrier = true
-		r.rd.Send = append(r.rd.Send, Message{Type: MsgHelloAck, Epoch: r.meta.Epoch, Gen: r.meta.Gen,
-			Len: r.meta.Size, Regions: slices.Clone(r.meta.AL)})
+		ha := Message{Type: MsgHelloAck, Epoch: r.meta.Epoch, Gen: r.meta.Gen, Len: r.meta.Size, Regions: slices.Clone(r.meta.AL)}
+		if r.meta.Fresh {
+			ha.Flags |= FlagFresh
+		}
+		r.rd.Send = append(r.rd.Send, ha)
 	case MsgAL:
 		r.meta.AL = slices.Clone(m.Regions)
 		r.dirtyAL = true
@@ -108,8 +118,12 @@ func (r *Replica) Step(m Message) {
 
 // Done builds the acknowledgement of a finished ReplicaIO. sum is the
 // checksum for MsgChecksum.
+//
+// It may be called concurrently with Step (the shell's I/O completes on
+// other goroutines), so it reads nothing Step writes: the ack carries the
+// epoch m was accepted at, which Step made the replica's epoch then.
 func (r *Replica) Done(m Message, err error, sum []byte) Message {
-	ack := Message{Type: MsgAck, Epoch: r.meta.Epoch, Seq: m.Seq, Data: sum}
+	ack := Message{Type: MsgAck, Epoch: m.Epoch, Seq: m.Seq, Data: sum}
 	if err != nil {
 		ack.Err = err.Error()
 	}

@@ -206,8 +206,10 @@ func (e *env) run(line string) string {
 		e.names = strings.Split(a["nodes"], ",")
 		size, rs := a.int("size", 32), a.int("region", 8)
 		for _, name := range e.names {
+			// "fresh": created together with the volume at its creation
+			// generation (LocalOptions.Gen), as the cluster creates them.
 			e.nodes[name] = &hnode{name: name, disk: make([]byte, size),
-				durable: &Meta{Volume: e.vol, Size: size, RegionSize: rs, Gen: 0x100}}
+				durable: &Meta{Volume: e.vol, Size: size, RegionSize: rs, Gen: 0x100, Fresh: a["fresh"] != ""}}
 		}
 		e.mem.Create(e.vol, e.names[0], e.names[1:]...)
 		e.makePrimary(e.nodes[e.names[0]])
@@ -323,6 +325,21 @@ func (e *env) run(line string) string {
 			}
 			e.stabilize()
 		}
+	case "replace":
+		// A crashed node's disk replaced by a new, empty one: "gen=creation"
+		// recreates it with the volume's creation generation, as if it
+		// were created together with the volume (a mistake the protocol
+		// must survive), otherwise it is a new replica of unknown contents.
+		n := e.nodes[a["$0"]]
+		if !n.crashed {
+			e.printf("error: %s is not crashed", n.name)
+			break
+		}
+		m := &Meta{Volume: e.vol, Size: n.durable.Size, RegionSize: n.durable.RegionSize}
+		if a["gen"] == "creation" {
+			m.Gen, m.Fresh = 0x100, true
+		}
+		n.disk, n.durable = make([]byte, len(n.disk)), m
 	case "diskfail":
 		e.nodes[a["$0"]].diskFail = a["off"] == ""
 	case "corrupt":
@@ -398,6 +415,7 @@ func (e *env) processPrimary(n *hnode) bool {
 			e.printf("%s->%s %s (lost: partition)", n.name, s.To, s.Msg)
 		}
 	}
+	n.prim.Sent(rd)
 	for _, d := range rd.Disconnect {
 		e.net.Drop(n.name, d)
 		e.net.Drop(d, n.name)
@@ -539,6 +557,9 @@ func durableAfter(old, m *Meta, md, al bool) *Meta {
 
 func metaString(m *Meta) string {
 	s := fmt.Sprintf("epoch=%d gen=%x al=%v", m.Epoch, m.Gen, m.AL)
+	if m.Fresh {
+		s += " fresh"
+	}
 	var ids []string
 	for id := range m.Peers {
 		ids = append(ids, id)

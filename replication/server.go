@@ -49,6 +49,11 @@ type replicaVol struct {
 	core  *Replica
 	local *Local
 	io    sync.WaitGroup // replica I/O in flight
+	wq    *writeQueue    // the data writes
+	// removed is set (under mu) when the server stops serving the volume:
+	// a connection that already read its next message must not apply it
+	// to a Local that has been handed back or deleted.
+	removed bool
 	// current is the connection whose Hello was accepted last. Messages
 	// still arriving on an older connection (data a primary queued before
 	// it dropped that connection, perhaps held up in the network) are
@@ -75,7 +80,7 @@ func (s *Server) AddVolume(l *Local) error {
 	if _, ok := s.vols[l.Meta.Volume]; ok {
 		return fmt.Errorf("replication: volume %s already served", l.Meta.Volume)
 	}
-	s.vols[l.Meta.Volume] = &replicaVol{core: NewReplica(l.Meta), local: l}
+	s.vols[l.Meta.Volume] = &replicaVol{core: NewReplica(l.Meta), local: l, wq: newWriteQueue(l.Store)}
 	return nil
 }
 
@@ -97,7 +102,9 @@ func (s *Server) RemoveVolume(volume string) (*Local, error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	v.removed = true
 	v.io.Wait()
+	v.wq.close()
 	v.local.Meta = v.core.Meta()
 	return v.local, nil
 }
@@ -122,7 +129,9 @@ func (s *Server) DeleteVolume(volume string) error {
 	delete(s.vols, volume)
 	s.mu.Unlock()
 	v.mu.Lock()
+	v.removed = true
 	v.io.Wait()
+	v.wq.close()
 	v.mu.Unlock()
 	err := v.local.Close()
 	return errors.Join(err, DeleteLocal(filepath.Dir(v.local.MetaPath), volume))
@@ -193,7 +202,11 @@ func (s *Server) Close() error {
 	s.wg.Wait()
 	var errs []error
 	for _, v := range vols {
+		v.mu.Lock()
+		v.removed = true
+		v.mu.Unlock()
 		v.io.Wait()
+		v.wq.close()
 		errs = append(errs, v.local.Close())
 	}
 	return errors.Join(errs...)
@@ -231,16 +244,21 @@ func (s *Server) serveConn(c net.Conn) {
 	defer cancel()
 	var wdone sync.WaitGroup
 	wdone.Add(1)
+	wdead := make(chan struct{})
 	go func() {
 		defer wdone.Done()
+		defer close(wdead)
 		writeLoop(ctx, c, out)
 	}()
 	defer wdone.Wait()
 	defer cancel()
+	// An ack for a dead connection is dropped: blocking on its full queue
+	// would hold up the volume's write queue and every later epoch barrier.
 	send := func(m Message) {
 		select {
 		case out <- m:
 		case <-ctx.Done():
+		case <-wdead:
 		}
 	}
 	if v == nil {
@@ -253,6 +271,10 @@ func (s *Server) serveConn(c net.Conn) {
 	defer pending.Wait()
 	for {
 		v.mu.Lock()
+		if v.removed {
+			v.mu.Unlock()
+			return
+		}
 		if m.Type != MsgHello && v.current != c {
 			v.mu.Unlock()
 			log.Debug("replication: connection superseded by a newer one")
@@ -284,6 +306,19 @@ func (s *Server) serveConn(c net.Conn) {
 		for _, io := range rd.IO {
 			v.io.Add(1)
 			pending.Add(1)
+			if m := io.Msg; isQueuedWrite(m, v.local.Store) {
+				v.wq.submit(m.Off, m.Data, m.Flags&FlagFUA != 0, func(err error) {
+					if err != nil {
+						log.Error("replication: replica I/O failed", "op", m.Type.String(), "off", m.Off, "err", err)
+					}
+					ack := v.core.Done(m, err, nil)
+					s.bufs.put(m.Data)
+					send(ack)
+					v.io.Done()
+					pending.Done()
+				})
+				continue
+			}
 			go func(m Message) {
 				defer v.io.Done()
 				defer pending.Done()
@@ -311,6 +346,16 @@ func (s *Server) serveConn(c net.Conn) {
 			return
 		}
 	}
+}
+
+// isQueuedWrite reports whether m is a plain data write, which goes through
+// the volume's write queue; everything else (and a write the queue would
+// refuse) takes applyReplicaIO.
+func isQueuedWrite(m Message, st *Store) bool {
+	if m.Type != MsgWrite || m.Off < 0 || m.Off+int64(len(m.Data)) > st.Size() {
+		return false
+	}
+	return m.Flags&FlagResync == 0 || !allZero(m.Data)
 }
 
 func applyReplicaIO(st *Store, m Message) ([]byte, error) {

@@ -73,17 +73,28 @@ func (s *Store) ReadAt(p []byte, off int64) error {
 // WriteAt stores p at off; with fua it is durable on return (RWF_DSYNC, or
 // write + fdatasync where the kernel lacks it).
 func (s *Store) WriteAt(p []byte, off int64, fua bool) error {
+	return s.WriteVec([][]byte{p}, off, fua)
+}
+
+// WriteVec stores the buffers of iov one after the other from off, in one
+// pwritev where possible; with fua all of it is durable on return. iov's
+// slices may be modified (a short write advances them).
+func (s *Store) WriteVec(iov [][]byte, off int64, fua bool) error {
 	flags := 0
 	if fua {
 		flags = unix.RWF_DSYNC
 	}
-	for len(p) > 0 {
-		n, err := unix.Pwritev2(int(s.f.Fd()), [][]byte{p}, off, flags)
+	for len(iov) > 0 {
+		if len(iov[0]) == 0 {
+			iov = iov[1:]
+			continue
+		}
+		n, err := unix.Pwritev2(int(s.f.Fd()), iov, off, flags)
 		if err == unix.EINTR {
 			continue
 		}
 		if err == unix.EOPNOTSUPP && flags != 0 {
-			if err := s.WriteAt(p, off, false); err != nil {
+			if err := s.WriteVec(iov, off, false); err != nil {
 				return err
 			}
 			return s.Sync()
@@ -91,7 +102,18 @@ func (s *Store) WriteAt(p []byte, off int64, fua bool) error {
 		if err != nil {
 			return fmt.Errorf("replication: write %s at %d: %w", s.path, off, err)
 		}
-		p, off = p[n:], off+int64(n)
+		if n == 0 {
+			return fmt.Errorf("replication: write %s at %d: %w", s.path, off, io.ErrShortWrite)
+		}
+		off += int64(n)
+		for n > 0 && len(iov) > 0 {
+			c := min(n, len(iov[0]))
+			iov[0] = iov[0][c:]
+			n -= c
+			if len(iov[0]) == 0 {
+				iov = iov[1:]
+			}
+		}
 	}
 	return nil
 }
@@ -217,10 +239,13 @@ type LocalOptions struct {
 	// Size and RegionSize are used when the replica is created.
 	Size       int64
 	RegionSize int64
-	// Gen is the generation a new replica starts with. The cluster gives
-	// every replica of a brand-new (all-zero) volume the same value so no
-	// initial full sync is needed; 0 marks a replica with unknown contents,
-	// which gets a full sync.
+	// Gen is the generation a new replica starts with: the volume's
+	// creation generation for a replica created together with the volume
+	// (all zeros, Meta.Fresh), so replicas created together start in sync
+	// without a full sync; 0 for any replica created later or of unknown
+	// contents, which gets a full sync. A random value chosen once per
+	// volume (the cluster's create command) and never reused. Ignored when
+	// the replica exists.
 	Gen uint64
 }
 
@@ -258,7 +283,7 @@ func OpenLocal(o LocalOptions) (*Local, error) {
 		if err := os.Remove(alPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("replication: %w", err)
 		}
-		m = &Meta{Volume: o.Volume, Size: o.Size, RegionSize: o.RegionSize, Gen: o.Gen}
+		m = &Meta{Volume: o.Volume, Size: o.Size, RegionSize: o.RegionSize, Gen: o.Gen, Fresh: o.Gen != 0}
 		a, _, err := OpenALFile(alPath)
 		if err != nil {
 			return nil, err

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -64,14 +65,16 @@ type Volume struct {
 	cfg   VolumeConfig
 	log   *slog.Logger
 	store *Store
+	wq    *writeQueue // the local data writes
 	core  *Primary
 	size  atomic.Int64
 
-	events chan func()
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	nextID atomic.Uint64
-	bucket *tokenBucket
+	events   chan func()
+	stop     chan struct{}
+	loopDone chan struct{} // closed when the loop has returned
+	wg       sync.WaitGroup
+	nextID   atomic.Uint64
+	bucket   *tokenBucket
 
 	// Loop-owned state.
 	persisting bool // a Ready's Persist is being made durable
@@ -169,7 +172,7 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 	}
 	v := &Volume{
 		cfg: cfg, log: cfg.Logger.With("volume", vol, "node", cfg.Self), store: cfg.Local.Store, core: core,
-		events: make(chan func(), 4096), stop: make(chan struct{}),
+		events: make(chan func(), 4096), stop: make(chan struct{}), loopDone: make(chan struct{}),
 		waiters: map[uint64]chan error{}, verifies: map[uint64]chan VerifyResult{},
 		peers: map[string]*peerLink{}, rate: map[string]*rateSample{},
 	}
@@ -184,8 +187,9 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 			return nil, err
 		}
 	}
+	v.wq = newWriteQueue(v.store)
 	v.wg.Add(1)
-	go func() { defer v.wg.Done(); v.loop() }()
+	go func() { defer v.wg.Done(); defer close(v.loopDone); v.loop() }()
 	for id, addr := range cfg.Peers {
 		pl := &peerLink{id: id, addr: addr, kick: make(chan struct{}, 1)}
 		v.peers[id] = pl
@@ -257,7 +261,8 @@ func (v *Volume) drain() {
 			// log. Dirty bits and generations (PersistMeta) are not sent
 			// ahead: acknowledgements and MsgGen rely on them.
 			v.send(rd)
-			rd.Send, rd.Disconnect = nil, nil
+			v.core.Sent(rd)
+			rd.Send, rd.Disconnect, rd.stamps = nil, nil, nil
 		}
 		v.persisting = true
 		v.wg.Add(1)
@@ -283,7 +288,11 @@ func (v *Volume) drain() {
 
 func (v *Volume) send(rd Ready) {
 	for _, s := range rd.Send {
-		v.peers[s.To].send(s.Msg)
+		m := s.Msg
+		if s.Copy {
+			m.Data, m.Hold = slices.Clone(m.Data), nil
+		}
+		v.peers[s.To].send(m)
 	}
 	for _, id := range rd.Disconnect {
 		v.peers[id].drop()
@@ -306,10 +315,19 @@ func (v *Volume) handle(rd Ready, err error) {
 				tok := l.Token
 				go v.post(func() { v.core.LocalDone(tok, err, nil) })
 			}
-			rd.Local, rd.Send, rd.Propose = nil, nil, nil
+			rd.Local, rd.Send, rd.Propose, rd.stamps = nil, nil, nil, nil
 		}
 	}
 	for _, l := range rd.Local {
+		if l.Kind == LocalWrite {
+			tok, h := l.Token, l.Hold
+			h.ref()
+			v.wq.submit(l.Off, l.Data, l.FUA, func(err error) {
+				h.unref()
+				v.post(func() { v.core.LocalDone(tok, err, nil) })
+			})
+			continue
+		}
 		v.wg.Add(1)
 		go func(l LocalOp) {
 			defer v.wg.Done()
@@ -318,6 +336,7 @@ func (v *Volume) handle(rd Ready, err error) {
 		}(l)
 	}
 	v.send(rd)
+	v.core.Sent(rd)
 	for _, pr := range rd.Propose {
 		v.wg.Add(1)
 		go func(pr Proposal) {
@@ -404,11 +423,13 @@ func (pl *peerLink) send(m Message) {
 	if out == nil {
 		return // the connection is gone; PeerDown is already on its way
 	}
+	m.Hold.ref() // released by the writer, or by runConn's final drain
 	select {
 	case out <- m:
 	default:
 		// The peer cannot keep up with a queue this deep: treat it as
 		// failed rather than stall every other write.
+		m.Hold.unref()
 		pl.drop()
 	}
 }
@@ -502,14 +523,33 @@ func (v *Volume) runConn(pl *peerLink, c net.Conn) {
 	c.Close()
 	cancel()
 	<-done
-	v.post(func() {
+	// Messages still queued will never be written: release the buffers
+	// they hold. Only the loop queues on out, so once it has cleared
+	// pl.out nothing more arrives (and after stop the loop is gone).
+	drainOut := func() {
+		for {
+			select {
+			case m := <-out:
+				m.Hold.unref()
+			default:
+				return
+			}
+		}
+	}
+	if !v.post(func() {
 		pl.mu.Lock()
 		if pl.out == out {
 			pl.out = nil
 		}
 		pl.mu.Unlock()
+		drainOut()
 		v.core.PeerDown(pl.id, fmt.Errorf("replication: connection to %s: %w", pl.id, rerr))
-	})
+	}) {
+		// Stopped: the loop may still be finishing an iteration that
+		// queues on out; once it has returned nothing does.
+		<-v.loopDone
+		drainOut()
+	}
 	select {
 	case <-time.After(100 * time.Millisecond):
 	case <-v.stop:
@@ -562,10 +602,19 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
-	// The caller may reuse p once we return, but a resyncing replica may
-	// still be sent it after that.
-	data := append([]byte(nil), p...)
-	return v.do(ctx, Request{Kind: ReqWrite, Off: off, Data: data, FUA: fua})
+	// p itself is written locally and sent to the ISR members, not a copy
+	// (a replica outside the ISR gets a copy: the acknowledgement does not
+	// wait for it, so neither may p). The caller may reuse p once we
+	// return, so we return only once nothing refers to it: the local write
+	// returned and every message carrying it was handed to the kernel or
+	// dropped with its connection. That holds also when ctx ends early or
+	// the volume closes, so WriteAt may outlive ctx by as long as that takes
+	// (bounded by the ack timeout of a stuck connection).
+	h := newHold()
+	err := v.do(ctx, Request{Kind: ReqWrite, Off: off, Data: p, FUA: fua, Hold: h})
+	h.unref()
+	<-h.free
+	return err
 }
 
 // Flush makes every completed write durable on every ISR member.
@@ -740,6 +789,7 @@ func (v *Volume) Close() error {
 		}
 	})
 	v.wg.Wait()
+	v.wq.close()
 	return v.cfg.Local.Close()
 }
 

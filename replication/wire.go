@@ -6,7 +6,37 @@ import (
 	"math/bits"
 	"net"
 	"sync"
+	"sync/atomic"
 )
+
+// Hold counts the references the shell keeps to a buffer it does not own,
+// so that Volume.WriteAt can send the caller's buffer itself instead of a
+// copy and still return only when nothing refers to it any more: the local
+// write has returned and every message carrying it has been written to its
+// connection (the kernel has copied it) or dropped with that connection.
+type Hold struct {
+	n    atomic.Int64
+	free chan struct{} // closed when n drops to zero
+}
+
+// newHold returns a Hold with one reference, the owner's.
+func newHold() *Hold {
+	h := &Hold{free: make(chan struct{})}
+	h.n.Store(1)
+	return h
+}
+
+func (h *Hold) ref() {
+	if h != nil {
+		h.n.Add(1)
+	}
+}
+
+func (h *Hold) unref() {
+	if h != nil && h.n.Add(-1) == 0 {
+		close(h.free)
+	}
+}
 
 // vecMin is the payload size from which the plaintext writer hands the
 // payload to writev by reference instead of copying it into its buffer.
@@ -35,7 +65,10 @@ func writeLoop(ctx context.Context, c net.Conn, out <-chan Message) {
 			bw.Flush()
 			return
 		}
-		if err := encodeMessage(bw, &m); err != nil {
+		err := encodeMessage(bw, &m)
+		// bufio copied the payload, or wrote it through to the connection.
+		m.Hold.unref()
+		if err != nil {
 			c.Close()
 			return
 		}
@@ -54,6 +87,7 @@ func vecWriteLoop(ctx context.Context, c *net.TCPConn, out <-chan Message) {
 		mark    int         // scratch[mark:] is not yet in vec
 		vec     net.Buffers // the batch, in order
 		pending int
+		holds   []*Hold // references to payloads in vec
 	)
 	flush := func() error {
 		if len(scratch) > mark {
@@ -61,9 +95,14 @@ func vecWriteLoop(ctx context.Context, c *net.TCPConn, out <-chan Message) {
 		}
 		iov := vec // WriteTo consumes its receiver
 		_, err := iov.WriteTo(c)
-		// Drop the payload references so their buffers can be collected.
+		// The kernel has the bytes (or the connection failed): the
+		// payloads are no longer needed.
+		for _, h := range holds {
+			h.unref()
+		}
+		clear(holds)
 		clear(vec)
-		vec, scratch, mark, pending = vec[:0], scratch[:0], 0, 0
+		vec, scratch, mark, pending, holds = vec[:0], scratch[:0], 0, 0, holds[:0]
 		return err
 	}
 	for {
@@ -76,6 +115,8 @@ func vecWriteLoop(ctx context.Context, c *net.TCPConn, out <-chan Message) {
 		}
 		h, errStr, err := encodeHeader(&m)
 		if err != nil {
+			m.Hold.unref()
+			flush()
 			c.Close()
 			return
 		}
@@ -88,6 +129,9 @@ func vecWriteLoop(ctx context.Context, c *net.TCPConn, out <-chan Message) {
 			mark = len(scratch)
 		} else {
 			scratch = append(scratch, m.Data...)
+		}
+		if m.Hold != nil {
+			holds = append(holds, m.Hold)
 		}
 		pending += headerLen + len(m.Data)
 		if len(out) == 0 || pending >= vecFlushAt {

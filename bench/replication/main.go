@@ -16,7 +16,8 @@
 //
 // The workloads call the Volume (the target's Backend) directly, not
 // through iSCSI: this measures the replication protocol and its disk path,
-// not the target. Backing files are on tmpfs; see README.md.
+// not the target. Every row runs with backing files on tmpfs and again on
+// the real disk (-disk-dir); see README.md.
 package main
 
 import (
@@ -37,7 +38,8 @@ type options struct {
 	duration time.Duration
 	sizeMiB  int64
 	qd       int
-	dir      string
+	dir      string // tmpfs backing files (children: this role's directory)
+	diskDir  string // disk backing files; empty: no disk rows
 	listen   string // replica: replication address (plaintext)
 	tlsAddr  string // replica: replication address (TLS)
 	ctlAddr  string // replica: control address
@@ -56,7 +58,8 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of each throughput and latency run")
 	flag.Int64Var(&o.sizeMiB, "size-mib", 1024, "volume size in MiB (also the resync size)")
 	flag.IntVar(&o.qd, "qd", 32, "queue depth of the IOPS and MB/s rows")
-	flag.StringVar(&o.dir, "dir", "", "directory for backing files (default: a new directory in /dev/shm)")
+	flag.StringVar(&o.dir, "dir", "", "directory for the tmpfs backing files (default: a new directory in /dev/shm)")
+	flag.StringVar(&o.diskDir, "disk-dir", "/var/tmp", "directory on a real disk for the disk-backed rows (empty: tmpfs rows only)")
 	flag.BoolVar(&o.tls, "tls", true, "also measure 2 replicas over TLS")
 	flag.StringVar(&o.out, "out", "bench/out/replication.json", "where the runs are written as JSON (empty: nowhere)")
 	flag.StringVar(&o.rows, "rows", "", "comma-separated rows to run: iops,lat,seq,resync (default all)")

@@ -205,9 +205,22 @@ func coordinate(ctx context.Context, log *slog.Logger, o options) error {
 	if err := writeCerts(certs); err != nil {
 		return err
 	}
-	log.Info("namespaces ready", "primary", ns.prim, "replica", ns.repl, "data", data)
+	disk := ""
+	if o.diskDir != "" {
+		if disk, err = os.MkdirTemp(o.diskDir, "hasan-bench-repl-"); err != nil {
+			return fmt.Errorf("bench/replication: %w", err)
+		}
+		defer os.RemoveAll(disk)
+	}
+	sub := func(base, role string) string {
+		if base == "" {
+			return ""
+		}
+		return filepath.Join(base, role)
+	}
+	log.Info("namespaces ready", "primary", ns.prim, "replica", ns.repl, "data", data, "disk", disk)
 
-	rargs := []string{"-role", "replica", "-dir", filepath.Join(data, "replica"), "-certs", certs,
+	rargs := []string{"-role", "replica", "-dir", filepath.Join(data, "replica"), "-disk-dir", sub(disk, "replica"), "-certs", certs,
 		"-listen", replicaIP + ":" + replPort, "-tls-listen", replicaIP + ":" + tlsPort, "-ctl", replicaIP + ":" + ctlPort}
 	if o.cpuprof != "" {
 		prof, err := filepath.Abs(o.cpuprof)
@@ -230,7 +243,7 @@ func coordinate(ctx context.Context, log *slog.Logger, o options) error {
 			return fmt.Errorf("bench/replication: %w", err)
 		}
 	}
-	args := []string{"-role", "primary", "-dir", filepath.Join(data, "primary"), "-certs", certs,
+	args := []string{"-role", "primary", "-dir", filepath.Join(data, "primary"), "-disk-dir", sub(disk, "primary"), "-certs", certs,
 		"-replica", replicaIP, "-repeats", strconv.Itoa(o.repeats), "-duration", o.duration.String(),
 		"-size-mib", strconv.FormatInt(o.sizeMiB, 10), "-qd", strconv.Itoa(o.qd), "-tls=" + strconv.FormatBool(o.tls),
 		"-out", out, "-rows", o.rows}

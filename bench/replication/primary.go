@@ -37,8 +37,17 @@ type primary struct {
 }
 
 func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
-	if err := os.MkdirAll(o.dir, 0o700); err != nil {
-		return fmt.Errorf("bench/replication: %w", err)
+	backings := []string{"tmpfs"}
+	if o.diskDir != "" {
+		backings = append(backings, "disk")
+	}
+	for _, d := range []string{o.dir, o.diskDir} {
+		if d == "" {
+			continue
+		}
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("bench/replication: %w", err)
+		}
 	}
 	var ctl net.Conn
 	var err error
@@ -57,7 +66,7 @@ func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
 	if o.tls {
 		configs = append(configs, config{"2 replicas TLS", 2, true})
 	}
-	rec := newRecorder(o, configs)
+	rec := newRecorder(o, configs, backings)
 	start := time.Now()
 	rec.loadStart = loadAvg()
 
@@ -68,37 +77,41 @@ func runPrimary(ctx context.Context, log *slog.Logger, o options) error {
 		if !o.wantRow(row) {
 			continue
 		}
-		for rep := 0; rep < o.repeats; rep++ {
-			if row == rowLat {
-				// The network's own round trip, measured next to the
-				// latency runs it explains.
-				rtt, err := p.rtt(ctx, 2000)
-				if err != nil {
-					return err
+		for _, backing := range backings {
+			for rep := 0; rep < o.repeats; rep++ {
+				if row == rowLat && backing == backings[0] {
+					// The network's own round trip, measured next to the
+					// latency runs it explains.
+					rtt, err := p.rtt(ctx, 2000)
+					if err != nil {
+						return err
+					}
+					rec.add(row, "veth RTT", rep, rtt)
 				}
-				rec.add(row, "veth RTT", rep, rtt)
-			}
-			for _, c := range interleave(configs, rep) {
-				if ctx.Err() != nil {
-					return ctx.Err()
+				for _, c := range interleave(configs, rep) {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					r, err := p.measure(ctx, row, c, backing)
+					if err != nil {
+						return fmt.Errorf("bench/replication: %s, %s, %s: %w", row, backing, c.name, err)
+					}
+					log.Info("run", "row", row, "backing", backing, "config", c.name, "repeat", rep+1, "value", r.Value, "p99", r.P99, "unit", r.Unit)
+					rec.add(row+"/"+backing, c.name, rep, r)
 				}
-				r, err := p.measure(ctx, row, c)
-				if err != nil {
-					return fmt.Errorf("bench/replication: %s, %s: %w", row, c.name, err)
-				}
-				log.Info("run", "row", row, "config", c.name, "repeat", rep+1, "value", r.Value, "p99", r.P99, "unit", r.Unit)
-				rec.add(row, c.name, rep, r)
 			}
 		}
 	}
-	for rep := 0; rep < o.repeats && o.wantRow(rowResync); rep++ {
-		for _, c := range interleave(configs[1:], rep) {
-			r, err := p.resync(ctx, c)
-			if err != nil {
-				return fmt.Errorf("bench/replication: resync, %s: %w", c.name, err)
+	for _, backing := range backings {
+		for rep := 0; rep < o.repeats && o.wantRow(rowResync); rep++ {
+			for _, c := range interleave(configs[1:], rep) {
+				r, err := p.resync(ctx, c, backing)
+				if err != nil {
+					return fmt.Errorf("bench/replication: resync, %s, %s: %w", backing, c.name, err)
+				}
+				log.Info("run", "row", rowResync, "backing", backing, "config", c.name, "repeat", rep+1, "MBps", r.Value, "secs", r.Seconds)
+				rec.add(rowResync+"/"+backing, c.name, rep, r)
 			}
-			log.Info("run", "row", rowResync, "config", c.name, "repeat", rep+1, "MBps", r.Value, "secs", r.Seconds)
-			rec.add(rowResync, c.name, rep, r)
 		}
 	}
 	rec.loadEnd = loadAvg()
@@ -185,15 +198,24 @@ func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond)
 // and, for 2 replicas, a new one on the replica node with generation gen
 // (0: unknown contents, which gets a full sync; the replica then starts
 // outside the ISR). With fill the local replica is first filled with data.
-func (p *primary) open(ctx context.Context, c config, gen uint64, fill bool) (*replication.Volume, func() error, error) {
+func (p *primary) open(ctx context.Context, c config, backing string, gen uint64, fill bool) (*replication.Volume, func() error, error) {
 	p.seq++
 	name := fmt.Sprintf("bench%d", p.seq)
-	l, err := replication.OpenLocal(replication.LocalOptions{Dir: p.o.dir, Volume: name, Size: p.size, Gen: 5})
+	dir := p.o.dir
+	if backing == "disk" {
+		dir = p.o.diskDir
+	}
+	l, err := replication.OpenLocal(replication.LocalOptions{Dir: dir, Volume: name, Size: p.size, Gen: 5})
 	if err != nil {
 		return nil, nil, err
 	}
 	if fill {
 		if err := fillStore(l.Store, p.size); err != nil {
+			return nil, nil, err
+		}
+		// On disk the fill's writeback would otherwise compete with the
+		// resync being timed.
+		if err := l.Store.Sync(); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -210,7 +232,7 @@ func (p *primary) open(ctx context.Context, c config, gen uint64, fill bool) (*r
 			}
 			vc.TLS, vc.Plaintext = tc, false
 		}
-		if err := p.command("add %s %d %d %s", name, p.size, gen, mode); err != nil {
+		if err := p.command("add %s %d %d %s %s", name, p.size, gen, mode, backing); err != nil {
 			return nil, nil, err
 		}
 		vc.Peers = map[string]string{"r": net.JoinHostPort(p.o.replica, port)}
@@ -282,8 +304,8 @@ const (
 )
 
 // measure runs one row's workload on a fresh volume in configuration c.
-func (p *primary) measure(ctx context.Context, row string, c config) (run, error) {
-	v, closer, err := p.open(ctx, c, 5, false)
+func (p *primary) measure(ctx context.Context, row string, c config, backing string) (run, error) {
+	v, closer, err := p.open(ctx, c, backing, 5, false)
 	if err != nil {
 		return run{}, err
 	}
@@ -294,11 +316,13 @@ func (p *primary) measure(ctx context.Context, row string, c config) (run, error
 	var r run
 	switch row {
 	case rowIOPS:
-		r = p.writes(ctx, v, 4096, p.o.qd, true)
+		r = p.writes(ctx, v, 4096, p.o.qd, true, false)
 	case rowLat:
-		r = p.writes(ctx, v, 4096, 1, true)
+		r = p.writes(ctx, v, 4096, 1, true, false)
 	case rowSeq:
-		r = p.writes(ctx, v, 128<<10, p.o.qd, false)
+		// On disk one pass over the volume: a stream that overwrites the
+		// same 1 GiB for 3 s measures the page cache, not the disk.
+		r = p.writes(ctx, v, 128<<10, p.o.qd, false, backing == "disk")
 	}
 	if err := closer(); err != nil && r.Err == "" {
 		r.Err = err.Error()
@@ -310,12 +334,14 @@ func (p *primary) measure(ctx context.Context, row string, c config) (run, error
 }
 
 // writes runs qd writers of bs bytes for the configured duration, random
-// (4 KiB aligned) or one sequential stream wrapping at the end.
-func (p *primary) writes(ctx context.Context, v *replication.Volume, bs, qd int, random bool) run {
-	buf := make([]byte, bs)
-	for i := range buf {
-		buf[i] = byte(i + 1)
-	}
+// (4 KiB aligned) or one sequential stream wrapping at the end. Each writer
+// has a buffer of its own, as an initiator's commands would: one buffer
+// shared by all writers would stay in the CPU cache and flatter memcpy.
+// Throughput runs end with a Flush, inside the timed span, so the figures
+// are for durable data (this matters on disk; on tmpfs it is free). With
+// onePass the sequential stream stops at the end of the volume instead of
+// after the duration: every byte written must reach the disk.
+func (p *primary) writes(ctx context.Context, v *replication.Volume, bs, qd int, random, onePass bool) run {
 	var next atomic.Int64
 	var mu sync.Mutex
 	var lats []time.Duration
@@ -328,13 +354,21 @@ func (p *primary) writes(ctx context.Context, v *replication.Volume, bs, qd int,
 		go func(w int) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(w), uint64(p.seq)))
+			buf := make([]byte, bs)
+			for i := range buf {
+				buf[i] = byte(i + w + 1)
+			}
 			mine := make([]time.Duration, 0, 1<<14)
-			for time.Now().Before(stop) && ctx.Err() == nil {
+			for (onePass || time.Now().Before(stop)) && ctx.Err() == nil {
 				var off int64
 				if random {
 					off = rng.Int64N(p.size/4096) * 4096
 				} else {
-					off = (next.Add(1) - 1) * int64(bs) % p.size
+					off = (next.Add(1) - 1) * int64(bs)
+					if onePass && off >= p.size {
+						break
+					}
+					off %= p.size
 				}
 				t := time.Now()
 				if err := v.WriteAt(ctx, buf, off, false); err != nil {
@@ -351,6 +385,9 @@ func (p *primary) writes(ctx context.Context, v *replication.Volume, bs, qd int,
 		}(w)
 	}
 	wg.Wait()
+	if qd > 1 && firstErr == nil {
+		firstErr = v.Flush(ctx)
+	}
 	secs := time.Since(begin).Seconds()
 	r := run{Seconds: secs, Count: len(lats)}
 	if firstErr != nil {
@@ -371,14 +408,19 @@ func (p *primary) writes(ctx context.Context, v *replication.Volume, bs, qd int,
 
 // resync times a full sync of a volume holding size bytes of data to a
 // replica of unknown contents (every region dirty), from OpenVolume's
-// return until the replica is in the ISR with nothing dirty, unthrottled.
-func (p *primary) resync(ctx context.Context, c config) (run, error) {
-	v, closer, err := p.open(ctx, c, 0, true)
+// return until the replica is in the ISR with nothing dirty and a Flush
+// has made it durable there, unthrottled.
+func (p *primary) resync(ctx context.Context, c config, backing string) (run, error) {
+	v, closer, err := p.open(ctx, c, backing, 0, true)
 	if err != nil {
 		return run{}, err
 	}
 	begin := time.Now()
 	err = waitReady(ctx, v, c, true, 5*time.Minute)
+	if err == nil {
+		// Durable on the replica too (resync writes are not FUA).
+		err = v.Flush(ctx)
+	}
 	secs := time.Since(begin).Seconds()
 	if cerr := closer(); err == nil {
 		err = cerr

@@ -18,11 +18,18 @@ import (
 
 // runReplica serves replicas to the primary: a plaintext and a TLS Server,
 // and a line-based control listener on which the primary creates and
-// deletes volumes ("add VOL SIZE GEN plain|tls", "del VOL") and measures
+// deletes volumes ("add VOL SIZE GEN plain|tls tmpfs|disk", "del VOL") and measures
 // the round-trip time ("echo": the connection then echoes every byte).
 func runReplica(ctx context.Context, log *slog.Logger, o options) error {
-	if err := os.MkdirAll(o.dir, 0o700); err != nil {
-		return fmt.Errorf("bench/replication: %w", err)
+	dirs := map[string]string{"tmpfs": o.dir, "disk": o.diskDir}
+	for b, d := range dirs {
+		if d == "" {
+			delete(dirs, b)
+			continue
+		}
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("bench/replication: %w", err)
+		}
 	}
 	tc, err := tlsConfig(o.certs, "replica", true)
 	if err != nil {
@@ -60,7 +67,7 @@ func runReplica(ctx context.Context, log *slog.Logger, o options) error {
 			if err != nil {
 				return
 			}
-			go control(log, c, o.dir, servers)
+			go control(log, c, dirs, servers)
 		}
 	}()
 	fmt.Println("@ready")
@@ -74,7 +81,7 @@ func runReplica(ctx context.Context, log *slog.Logger, o options) error {
 	return nil
 }
 
-func control(log *slog.Logger, c net.Conn, dir string, servers map[string]*replication.Server) {
+func control(log *slog.Logger, c net.Conn, dirs map[string]string, servers map[string]*replication.Server) {
 	defer c.Close()
 	if tc, ok := c.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
@@ -93,12 +100,17 @@ func control(log *slog.Logger, c net.Conn, dir string, servers map[string]*repli
 			fmt.Fprintln(c, "ok")
 			io.Copy(c, br)
 			return
-		case len(f) == 5 && f[0] == "add":
+		case len(f) == 6 && f[0] == "add":
 			size, _ := strconv.ParseInt(f[2], 10, 64)
 			gen, _ := strconv.ParseUint(f[3], 10, 64)
 			srv := servers[f[4]]
 			if srv == nil {
 				reply = "err unknown server " + f[4]
+				break
+			}
+			dir := dirs[f[5]]
+			if dir == "" {
+				reply = "err unknown backing " + f[5]
 				break
 			}
 			l, err := replication.OpenLocal(replication.LocalOptions{Dir: dir, Volume: f[1], Size: size, Gen: gen})

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -28,13 +29,16 @@ type run struct {
 type recorder struct {
 	o         options
 	configs   []config
+	backings  []string
 	runs      []run
 	loadStart string
 	loadEnd   string
 	wall      time.Duration
 }
 
-func newRecorder(o options, configs []config) *recorder { return &recorder{o: o, configs: configs} }
+func newRecorder(o options, configs []config, backings []string) *recorder {
+	return &recorder{o: o, configs: configs, backings: backings}
+}
 
 func (r *recorder) add(row, cfg string, rep int, x run) {
 	x.Row, x.Config, x.Repeat = row, cfg, rep+1
@@ -102,14 +106,32 @@ func met(ok bool) string {
 }
 
 func (r *recorder) print(w io.Writer) {
-	one, two, tls := "1 replica", "2 replicas", "2 replicas TLS"
-	hasTLS := len(r.configs) > 2
 	fmt.Fprintf(w, "\nReplicated volume, 1 vs 2 replicas (go run ./bench/replication)\n")
 	fmt.Fprintf(w, "replica in its own network namespace, reached over a veth pair; \"2 replicas\" is plaintext TCP (protocol benchmark), \"TLS\" the same over TLS 1.3\n")
-	fmt.Fprintf(w, "Volume API called directly (no iSCSI); backing files on tmpfs (flushes are free there); %d repeats of %s per run, a fresh volume of %d MiB per run\n",
+	fmt.Fprintf(w, "Volume API called directly (no iSCSI); %d repeats of %s per run, a fresh volume of %d MiB per run; throughput runs end with a Flush inside the timed span\n",
 		r.o.repeats, r.o.duration, r.o.sizeMiB)
-	fmt.Fprintf(w, "load average %s at start, %s at end; wall %s; %d CPUs\n\n", r.loadStart, r.loadEnd, r.wall.Round(time.Second), runtime.NumCPU())
+	fmt.Fprintf(w, "load average %s at start, %s at end; wall %s; %d CPUs\n", r.loadStart, r.loadEnd, r.wall.Round(time.Second), runtime.NumCPU())
+	for _, b := range r.backings {
+		fmt.Fprintln(w)
+		switch b {
+		case "tmpfs":
+			fmt.Fprintln(w, "backing files on tmpfs, both nodes (flushes are free; the 1-replica write is a memcpy)")
+		case "disk":
+			fmt.Fprintf(w, "backing files on the real disk (%s), both nodes on the SAME virtual disk: 2 replicas write every byte to it twice\n", r.o.diskDir)
+		}
+		r.printTable(w, b)
+	}
+	for _, x := range r.runs {
+		if x.Err != "" {
+			fmt.Fprintf(w, "run error: %s %s #%d: %s\n", x.Row, x.Config, x.Repeat, x.Err)
+		}
+	}
+}
 
+func (r *recorder) printTable(w io.Writer, backing string) {
+	one, two, tls := "1 replica", "2 replicas", "2 replicas TLS"
+	hasTLS := len(r.configs) > 2
+	rowIOPS, rowLat, rowSeq, rowResync := rowIOPS+"/"+backing, rowLat+"/"+backing, rowSeq+"/"+backing, rowResync+"/"+backing
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "row\t1 replica (median)\t2 replicas (median)\t2 vs 1: min / median\t2 replicas TLS (median)\tgoal")
 	tlsCell := func(row string, f func(run) float64, unit string) string {
@@ -120,51 +142,59 @@ func (r *recorder) print(w io.Writer) {
 	}
 	all := func(row, cfg string, f func(run) float64) []float64 { return values(r.series(row, cfg), f) }
 
+	// Rows not selected by -rows have no runs and are left out.
+	has := func(row string) bool { return len(r.series(row, two)) > 0 }
+	var a, b, rt []float64
+
 	// IOPS.
-	a, b := all(rowIOPS, one, val), all(rowIOPS, two, val)
-	rt := paired(b, a, ratio)
-	fmt.Fprintf(tw, "4K random write, QD%d\t%s\t%s\t%.2f / %.2f\t%s\t(none; shown for scale)\n", r.o.qd,
-		fmtNum(median(a), "IOPS"), fmtNum(median(b), "IOPS"), minOf(rt), median(rt), tlsCell(rowIOPS, val, "IOPS"))
+	if has(rowIOPS) {
+		a, b = all(rowIOPS, one, val), all(rowIOPS, two, val)
+		rt = paired(b, a, ratio)
+		fmt.Fprintf(tw, "4K random write, QD%d\t%s\t%s\t%.2f / %.2f\t%s\t(none; shown for scale)\n", r.o.qd,
+			fmtNum(median(a), "IOPS"), fmtNum(median(b), "IOPS"), minOf(rt), median(rt), tlsCell(rowIOPS, val, "IOPS"))
+	}
 
 	// Latency at QD1, with the veth round trip measured in the same session.
-	rtt := r.series(rowLat, "veth RTT")
-	rttP50 := median(values(rtt, val))
-	for _, q := range []struct {
-		name string
-		f    func(run) float64
-	}{{"p50", val}, {"p99", p99}} {
-		a, b := all(rowLat, one, q.f), all(rowLat, two, q.f)
-		added := paired(b, a, diff)
-		goal := "(none)"
-		if q.name == "p50" {
-			limit := rttP50 + 100
-			goal = fmt.Sprintf("added ≤ RTT %.0f µs + 100 µs = %.0f µs: %s", rttP50, limit, met(median(added) <= limit))
+	if has(rowLat) {
+		rtt := r.series(strings.TrimSuffix(rowLat, "/"+backing), "veth RTT")
+		rttP50 := median(values(rtt, val))
+		for _, q := range []struct {
+			name string
+			f    func(run) float64
+		}{{"p50", val}, {"p99", p99}} {
+			a, b := all(rowLat, one, q.f), all(rowLat, two, q.f)
+			added := paired(b, a, diff)
+			goal := "(none)"
+			if q.name == "p50" {
+				limit := rttP50 + 100
+				goal = fmt.Sprintf("added ≤ RTT %.0f µs + 100 µs = %.0f µs: %s", rttP50, limit, met(median(added) <= limit))
+			}
+			fmt.Fprintf(tw, "4K write latency QD1 %s\t%s\t%s\tadded %.0f / %.0f µs\t%s\t%s\n", q.name,
+				fmtNum(median(a), "µs"), fmtNum(median(b), "µs"), minOf(added), median(added), tlsCell(rowLat, q.f, "µs"), goal)
 		}
-		fmt.Fprintf(tw, "4K write latency QD1 %s\t%s\t%s\tadded %.0f / %.0f µs\t%s\t%s\n", q.name,
-			fmtNum(median(a), "µs"), fmtNum(median(b), "µs"), minOf(added), median(added), tlsCell(rowLat, q.f, "µs"), goal)
+		fmt.Fprintf(tw, "veth TCP round trip, 64 B\tp50 %.0f µs, p99 %.0f µs (median of %d sets)\t\t\t\t\n",
+			rttP50, median(values(rtt, p99)), len(rtt))
 	}
-	fmt.Fprintf(tw, "veth TCP round trip, 64 B\tp50 %.0f µs, p99 %.0f µs (median of %d sets)\t\t\t\t\n",
-		rttP50, median(values(rtt, p99)), len(rtt))
 
 	// Sequential throughput.
 	a, b = all(rowSeq, one, val), all(rowSeq, two, val)
-	rt = paired(b, a, ratio)
-	fmt.Fprintf(tw, "128K sequential write, QD%d\t%s\t%s\t%.2f / %.2f\t%s\tratio ≥ 0.80: %s\n", r.o.qd,
-		fmtNum(median(a), "MB/s"), fmtNum(median(b), "MB/s"), minOf(rt), median(rt), tlsCell(rowSeq, val, "MB/s"), met(median(rt) >= 0.8))
+	if has(rowSeq) {
+		rt = paired(b, a, ratio)
+		fmt.Fprintf(tw, "128K sequential write, QD%d\t%s\t%s\t%.2f / %.2f\t%s\tratio ≥ 0.80: %s\n", r.o.qd,
+			fmtNum(median(a), "MB/s"), fmtNum(median(b), "MB/s"), minOf(rt), median(rt), tlsCell(rowSeq, val, "MB/s"), met(median(rt) >= 0.8))
+	}
 
 	// Resync against the single-replica write rate (the 128K row).
+	if !has(rowResync) {
+		tw.Flush()
+		return
+	}
 	single := median(a)
 	rs := all(rowResync, two, val)
 	rr := values(r.series(rowResync, two), func(x run) float64 { return x.Value / single })
 	fmt.Fprintf(tw, "resync, %d MiB all dirty\t%s (1-replica write rate)\t%s\t%.2f / %.2f of the write rate\t%s\tresync ≥ 80%% of write rate: %s\n",
 		r.o.sizeMiB, fmtNum(single, "MB/s"), fmtNum(median(rs), "MB/s"), minOf(rr), median(rr), tlsCell(rowResync, val, "MB/s"), met(median(rr) >= 0.8))
 	tw.Flush()
-	fmt.Fprintln(w)
-	for _, x := range r.runs {
-		if x.Err != "" {
-			fmt.Fprintf(w, "run error: %s %s #%d: %s\n", x.Row, x.Config, x.Repeat, x.Err)
-		}
-	}
 }
 
 func fmtNum(v float64, unit string) string {
@@ -192,7 +222,7 @@ func (r *recorder) write(path string) error {
 	doc := map[string]any{
 		"loadavg_start": r.loadStart, "loadavg_end": r.loadEnd, "wall_seconds": r.wall.Seconds(),
 		"repeats": r.o.repeats, "duration_s": r.o.duration.Seconds(), "size_mib": r.o.sizeMiB, "queue_depth": r.o.qd,
-		"backing": "tmpfs", "transport": "TCP over veth between two network namespaces",
+		"backing": r.backings, "disk_dir": r.o.diskDir, "transport": "TCP over veth between two network namespaces",
 		"runs": r.runs,
 	}
 	raw, err := json.MarshalIndent(doc, "", "  ")
