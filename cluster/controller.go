@@ -205,6 +205,19 @@ func (c *ControllerCore) FenceDone(node string, err error, now time.Time) {
 	t.retryAt = now.Add(backoff)
 }
 
+// FenceAborted reports that a fence was not carried out because node
+// proved alive at at (after it had been declared failed): it is tracked
+// as alive again, and nothing moves.
+func (c *ControllerCore) FenceAborted(node string, at time.Time) {
+	t := c.node(node)
+	if t.fence == fenceRunning {
+		t.fence = fenceNone
+	}
+	if at.After(t.lastSeen) {
+		t.lastSeen = at
+	}
+}
+
 // ProposeDone reports the outcome of a proposal made for group.
 func (c *ControllerCore) ProposeDone(group string, cmd *Command, err error) {
 	g := c.group(group)
@@ -418,6 +431,15 @@ type Controller struct {
 	// Seed holds last-seen times heard before this controller started
 	// (Node.LastSeen); nodes absent from it get a full grace period.
 	Seed map[string]time.Time
+	// LastSeen, if set, is read once leadership is verified and before a
+	// node is fenced (RunController: Node's last-seen times, which raft
+	// answers update too). A node seen after it was declared failed is
+	// not fenced: VerifyLeader's round reaches every voter, and when the
+	// quorum needed the suspect's own answer (two storage nodes, the
+	// witness gone), that answer proves it alive. Fencing a healthy owner
+	// over a lost heartbeat stream is the worst outcome: the survivor then
+	// has no quorum to commit the takeover, and I/O stops.
+	LastSeen func(node string) time.Time
 
 	mu     sync.Mutex
 	core   *ControllerCore
@@ -511,7 +533,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		for _, a := range acts {
 			switch {
 			case a.Fence != "":
-				node := a.Fence
+				node, detectedAt := a.Fence, a.DetectedAt
 				f, err := c.Fencer(st)
 				if err != nil {
 					log.Error("cluster: no fencer", "err", err)
@@ -530,10 +552,19 @@ func (c *Controller) Run(ctx context.Context) error {
 					if c.VerifyLeader != nil {
 						err = c.VerifyLeader(fctx)
 					}
+					if err != nil {
+						err = fmt.Errorf("cluster: not fencing %s: leadership unconfirmed: %w", node, err)
+					} else if c.LastSeen != nil {
+						if at := c.LastSeen(node); !at.IsZero() && !at.Before(detectedAt) {
+							cancel()
+							log.Warn("cluster: not fencing a node that answered after it was declared failed",
+								"node", node, "detected_at", detectedAt, "seen", at)
+							post(func(core *ControllerCore) { core.FenceAborted(node, at) })
+							return
+						}
+					}
 					if err == nil {
 						res, err = f.Fence(fctx, node)
-					} else {
-						err = fmt.Errorf("cluster: not fencing %s: leadership unconfirmed: %w", node, err)
 					}
 					cancel()
 					if err != nil {
@@ -623,6 +654,9 @@ func (n *Node) RunController(ctx context.Context, mk func() *Controller) error {
 		c := mk()
 		if c.Seed == nil {
 			c.Seed = n.LastSeen()
+		}
+		if c.LastSeen == nil {
+			c.LastSeen = n.lastSeenOf
 		}
 		cctx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)

@@ -266,12 +266,13 @@ type memCluster struct {
 
 	mu   sync.Mutex
 	down map[string]bool // stopped heartbeating (crashed or isolated)
+	mute map[string]bool // heartbeat stream lost, raft still connected
 }
 
 func newMemCluster(t *testing.T, ids ...string) *memCluster {
 	t.Helper()
 	c := &memCluster{t: t, clk: newFakeClock(t0), nodes: map[string]*Node{}, trans: map[string]*raft.InmemTransport{},
-		agents: map[string]*fencing.FakeAgent{}, down: map[string]bool{}}
+		agents: map[string]*fencing.FakeAgent{}, down: map[string]bool{}, mute: map[string]bool{}}
 	var servers []raft.Server
 	for _, id := range ids {
 		_, tr := raft.NewInmemTransport(raft.ServerAddress(id))
@@ -400,15 +401,19 @@ func (c *memCluster) runControllers(ctx context.Context, cfg ControllerConfig, f
 			now := c.clk.Now()
 			c.mu.Lock()
 			var live []string
+			var senders []string
 			for id := range c.nodes {
 				if !c.down[id] {
 					live = append(live, id)
+					if !c.mute[id] {
+						senders = append(senders, id)
+					}
 				}
 			}
 			c.mu.Unlock()
 			// Every live node's beat reaches every live node; only the
 			// leader's controller listens.
-			for _, from := range live {
+			for _, from := range senders {
 				for _, to := range live {
 					c.nodes[to].Heartbeat(from, now)
 				}
@@ -701,5 +706,127 @@ func TestCoreCancelsMoveNobodyReleases(t *testing.T) {
 	acts = step(time.Second)
 	if len(acts) != 1 || acts[0].Propose.Kind != KindGroupGrant || acts[0].Propose.GroupGrant.Node != "b" {
 		t.Fatalf("want the grant to b, got %+v", acts)
+	}
+}
+
+// TestControllerKeepsOwnerThatAnswersRaft: the owner's heartbeats stop
+// reaching anyone (its stream died without an error) but it answers the
+// leader's raft RPCs. The leader must not declare it failed: it is alive,
+// and fencing it would leave the survivor without the quorum to take
+// over (issue-5 "leader loss" with the witness leading). A node that
+// stops answering raft too is still fenced (the other controller tests).
+func TestControllerKeepsOwnerThatAnswersRaft(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := newMemCluster(t, "a", "b", "w")
+	l := c.leader(ctx)
+	c.setupGroup(ctx)
+	owner, other := "a", "b"
+	if l.ID() == "a" {
+		owner, other = "b", "a"
+	}
+	c.propose(ctx, cGroup(Group{Name: "g1", VIPs: []string{"192.0.2.10/24"}, Targets: []string{iqn1}, Preferred: []string{owner, other}}))
+	// The fake clock runs ~10x faster than raft's real-time heartbeats
+	// (every 50-100 ms real); 5 s of fake time leaves them room.
+	const failure = 5 * time.Second
+	c.runControllers(ctx, ControllerConfig{FailureTimeout: failure}, time.Second)
+	c.waitState(ctx, "grant to "+owner, func(s *State) bool { return s.Groups["g1"].Owner == owner })
+	c.mu.Lock()
+	c.mute[owner] = true
+	c.mu.Unlock()
+	muted := c.clk.Now()
+	if err := waitFor(ctx, func() bool { return c.clk.Now().Sub(muted) > 4*failure }); err != nil {
+		t.Fatal(err)
+	}
+	st := c.state()
+	if g := st.Groups["g1"]; g.Owner != owner || st.Nodes[owner].State == NodeFenced {
+		t.Fatalf("owner %s lost g1 (owner now %q, state %s)", owner, g.Owner, st.Nodes[owner].State)
+	}
+	if c.agents[owner].Power() == fencing.PowerOff || len(st.FenceHistory) > 0 {
+		t.Fatalf("owner %s fenced although it answered raft: %+v", owner, st.FenceHistory)
+	}
+}
+
+type recordingFencer struct {
+	mu    sync.Mutex
+	calls []string
+}
+
+func (f *recordingFencer) Fence(_ context.Context, node string) (fencing.Result, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, node)
+	return fencing.Result{}, errors.New("test fencer: not fencing")
+}
+
+func (f *recordingFencer) called() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+// TestControllerDoesNotFenceNodeThatAnswersVerify: the owner's heartbeats
+// are lost, so it is declared failed; but it answers the leadership check
+// that precedes every fence (in the field: the witness is gone and the
+// quorum is the leader and the owner itself). That answer proves it alive,
+// and it must not be fenced. An owner that does not answer is fenced as
+// soon as it is declared failed.
+func TestControllerDoesNotFenceNodeThatAnswersVerify(t *testing.T) {
+	for _, answers := range []bool{true, false} {
+		t.Run(fmt.Sprintf("answers=%v", answers), func(t *testing.T) {
+			clk := newFakeClock(t0)
+			l := NewLocal(clk)
+			for _, c := range fixtureCommands() {
+				if _, err := l.Propose(context.Background(), c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var (
+				mu   sync.Mutex
+				seen = map[string]time.Time{}
+			)
+			fencer := &recordingFencer{}
+			ctrl := &Controller{
+				Config: ControllerConfig{Self: "w", FailureTimeout: 800 * time.Millisecond},
+				FSM:    l.FSM, P: l, Clock: clk, Logger: testLogger(t),
+				Fencer: func(*State) (Fencer, error) { return fencer, nil },
+				VerifyLeader: func(context.Context) error {
+					if answers {
+						mu.Lock()
+						seen["a"] = clk.Now()
+						mu.Unlock()
+					}
+					return nil
+				},
+				LastSeen: func(node string) time.Time {
+					mu.Lock()
+					defer mu.Unlock()
+					return seen[node]
+				},
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- ctrl.Run(ctx) }()
+			defer func() { cancel(); <-done }()
+			start := clk.Now()
+			for clk.Now().Sub(start) < 5*time.Second {
+				clk.Advance(20 * time.Millisecond)
+				ctrl.Heartbeat("b", clk.Now()) // a is silent
+				ctrl.Heartbeat("c", clk.Now())
+				time.Sleep(2 * time.Millisecond)
+				if !answers && len(fencer.called()) > 0 {
+					break
+				}
+			}
+			got := fencer.called()
+			switch {
+			case answers && len(got) > 0:
+				t.Fatalf("fenced %v although the owner answered the leadership check", got)
+			case !answers && (len(got) == 0 || got[0] != "a"):
+				t.Fatalf("silent owner not fenced: %v", got)
+			case !answers && clk.Now().Sub(start) > 1500*time.Millisecond:
+				t.Fatalf("silent owner fenced only after %v", clk.Now().Sub(start))
+			}
+		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -191,6 +192,14 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		})
 		trans = nt
 		n.closers = append(n.closers, nt)
+	}
+
+	if _, ok := trans.(raft.WithPreVote); ok {
+		// Only a transport with pre-vote is wrapped: the wrapper claims
+		// pre-vote, and raft would otherwise send pre-votes that fail.
+		trans = &contactTransport{Transport: trans, note: func(id raft.ServerID) {
+			n.Heartbeat(string(id), n.cfg.Clock.Now())
+		}}
 	}
 
 	rc := raft.DefaultConfig()
@@ -404,7 +413,9 @@ func (n *Node) forwardAllowed(c net.Conn, peer string) bool {
 }
 
 // serveHeartbeat reads one byte per beat from a peer whose identity is its
-// certificate, so a node cannot beat on another's behalf.
+// certificate, so a node cannot beat on another's behalf, and answers each
+// read with one byte: the sender redials a stream that stops answering
+// (runHeartbeats).
 func (n *Node) serveHeartbeat(c net.Conn) {
 	defer c.Close()
 	peer, err := PeerID(c)
@@ -417,6 +428,10 @@ func (n *Node) serveHeartbeat(c net.Conn) {
 		k, err := c.Read(buf)
 		if k > 0 {
 			n.Heartbeat(peer, n.cfg.Clock.Now())
+			_ = c.SetWriteDeadline(time.Now().Add(n.cfg.HeartbeatInterval * 3))
+			if _, werr := c.Write(buf[:1]); werr != nil {
+				return
+			}
 		}
 		if err != nil {
 			return
@@ -424,10 +439,11 @@ func (n *Node) serveHeartbeat(c net.Conn) {
 	}
 }
 
-// Heartbeat records that node is alive. Every node keeps the last beat of
-// each peer, so a newly elected leader's controller starts from real
-// last-seen times instead of a blind grace period; the running
-// controller (leader only) also gets the beat.
+// Heartbeat records that node is alive: a beat on its heartbeat stream,
+// or an answer to one of this node's raft RPCs (contactTransport). Every
+// node keeps the last sign of life of each peer, so a newly elected
+// leader's controller starts from real last-seen times instead of a blind
+// grace period; the running controller (leader only) also gets it.
 func (n *Node) Heartbeat(node string, at time.Time) {
 	n.mu.Lock()
 	if n.seen == nil {
@@ -454,6 +470,13 @@ func (n *Node) LastSeen() map[string]time.Time {
 	return out
 }
 
+// lastSeenOf is LastSeen for one peer (zero if never heard from).
+func (n *Node) lastSeenOf(node string) time.Time {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.seen[node]
+}
+
 // SetHeartbeatSink routes heartbeats to the controller (nil: drop).
 func (n *Node) SetHeartbeatSink(h func(node string, at time.Time)) {
 	n.mu.Lock()
@@ -461,64 +484,134 @@ func (n *Node) SetHeartbeatSink(h func(node string, at time.Time)) {
 	n.mu.Unlock()
 }
 
-// runHeartbeats sends a beat to every other voter every interval over
-// kept-open streams. With an injected transport there is nothing to dial:
-// the test harness delivers beats itself.
+// runHeartbeats keeps one sender per other voter (beatPeer), refreshed
+// from the raft configuration every ten intervals. With an injected
+// transport there is nothing to dial: the test harness delivers beats
+// itself.
 func (n *Node) runHeartbeats(ctx context.Context) {
 	if n.mux == nil {
 		return
 	}
-	conns := map[string]net.Conn{} // by address
-	defer func() {
-		for _, c := range conns {
-			c.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		// A closed node must fall silent: beats from a node whose raft
+		// is gone would keep it "alive" forever.
+		select {
+		case <-n.done:
+			cancel()
+		case <-ctx.Done():
 		}
 	}()
-	var peers []string
-	t := time.NewTicker(n.cfg.HeartbeatInterval)
-	defer t.Stop()
-	for i := 0; ; i++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-n.done:
-			// A closed node must fall silent: beats from a node whose
-			// raft is gone would keep it "alive" forever.
-			return
-		case <-t.C:
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	senders := map[string]context.CancelFunc{} // by address
+	defer func() {
+		for _, stop := range senders {
+			stop()
 		}
-		if i%10 == 0 {
-			peers = peers[:0]
-			if f := n.raft.GetConfiguration(); f.Error() == nil {
-				for _, s := range f.Configuration().Servers {
-					if string(s.ID) != n.cfg.ID {
-						peers = append(peers, string(s.Address))
-					}
+	}()
+	t := time.NewTicker(n.cfg.HeartbeatInterval * 10)
+	defer t.Stop()
+	for {
+		var peers []string
+		if f := n.raft.GetConfiguration(); f.Error() == nil {
+			for _, s := range f.Configuration().Servers {
+				if string(s.ID) != n.cfg.ID {
+					peers = append(peers, string(s.Address))
 				}
 			}
-			for addr, c := range conns {
-				if !slices.Contains(peers, addr) {
-					c.Close()
-					delete(conns, addr)
-				}
+		}
+		for addr, stop := range senders {
+			if !slices.Contains(peers, addr) {
+				stop()
+				delete(senders, addr)
 			}
 		}
 		for _, addr := range peers {
-			c := conns[addr]
-			if c == nil {
-				dctx, cancel := context.WithTimeout(ctx, n.cfg.HeartbeatInterval*3)
-				nc, err := n.mux.dialTagged(dctx, addr, tagHeartbeat)
-				cancel()
-				if err != nil {
-					continue
+			if senders[addr] == nil {
+				pctx, stop := context.WithCancel(ctx)
+				senders[addr] = stop
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					n.beatPeer(pctx, addr)
+				}()
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// heartbeatStale is how long a heartbeat stream may go without an answer
+// before it is redialled: well under the failure timeout, so that a peer
+// that restarted (power cycle) hears from this node again in time.
+func (n *Node) heartbeatStale() time.Duration { return n.cfg.HeartbeatInterval * 4 }
+
+// beatPeer sends a beat to addr every interval over a kept-open stream
+// until ctx ends. The receiver answers each beat; a stream that has not
+// answered for heartbeatStale is closed and redialled. Without that, a
+// peer that lost power leaves a connection that still takes writes (the
+// kernel buffers them and retransmits into the void for minutes), and
+// after the peer comes back it would never hear this node: its
+// controller, once it leads, would declare this node failed and fence it.
+// Each peer has its own sender, so dialling a dead peer (which can take
+// the whole dial timeout) never delays the beats to the live ones.
+func (n *Node) beatPeer(ctx context.Context, addr string) {
+	type stream struct {
+		c        net.Conn
+		answered atomic.Int64 // unix nanoseconds of the last answer (or the dial)
+	}
+	var cur *stream
+	drop := func() {
+		if cur != nil {
+			cur.c.Close()
+			cur = nil
+		}
+	}
+	defer drop()
+	t := time.NewTicker(n.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if cur != nil && time.Since(time.Unix(0, cur.answered.Load())) > n.heartbeatStale() {
+			n.log.Debug("cluster: heartbeat stream unanswered; redialling", "peer", addr)
+			drop()
+		}
+		if cur == nil {
+			dctx, cancel := context.WithTimeout(ctx, n.cfg.HeartbeatInterval*3)
+			nc, err := n.mux.dialTagged(dctx, addr, tagHeartbeat)
+			cancel()
+			if err != nil {
+				continue
+			}
+			s := &stream{c: nc}
+			s.answered.Store(time.Now().UnixNano())
+			go func() {
+				buf := make([]byte, 64)
+				for {
+					k, err := nc.Read(buf)
+					if k > 0 {
+						s.answered.Store(time.Now().UnixNano())
+					}
+					if err != nil {
+						return
+					}
 				}
-				c, conns[addr] = nc, nc
-			}
-			_ = c.SetWriteDeadline(time.Now().Add(n.cfg.HeartbeatInterval * 3))
-			if _, err := c.Write([]byte{1}); err != nil {
-				c.Close()
-				delete(conns, addr)
-			}
+			}()
+			cur = s
+		}
+		_ = cur.c.SetWriteDeadline(time.Now().Add(n.cfg.HeartbeatInterval * 3))
+		if _, err := cur.c.Write([]byte{1}); err != nil {
+			drop()
 		}
 	}
 }

@@ -251,3 +251,57 @@ type wireError struct {
 
 func (e *wireError) Error() string { return e.msg }
 func (e *wireError) Unwrap() error { return e.sentinel }
+
+// contactTransport notes every raft RPC that a peer answered: an answer
+// proves the peer's process is up and reachable from here, whatever
+// happened to its heartbeat stream. The leader sends AppendEntries
+// heartbeats to every follower many times per failure timeout, so its
+// controller never declares a node failed that is still answering raft
+// (see Node.Heartbeat). Pipelined appends are passed through unobserved:
+// raft's heartbeats and every VerifyLeader round use AppendEntries.
+type contactTransport struct {
+	raft.Transport
+	note func(id raft.ServerID)
+}
+
+var (
+	_ raft.WithPreVote = (*contactTransport)(nil)
+	_ raft.WithClose   = (*contactTransport)(nil)
+)
+
+func (t *contactTransport) answered(id raft.ServerID, err error) error {
+	if err == nil {
+		t.note(id)
+	}
+	return err
+}
+
+func (t *contactTransport) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
+	return t.answered(id, t.Transport.AppendEntries(id, target, args, resp))
+}
+
+func (t *contactTransport) RequestVote(id raft.ServerID, target raft.ServerAddress, args *raft.RequestVoteRequest, resp *raft.RequestVoteResponse) error {
+	return t.answered(id, t.Transport.RequestVote(id, target, args, resp))
+}
+
+func (t *contactTransport) TimeoutNow(id raft.ServerID, target raft.ServerAddress, args *raft.TimeoutNowRequest, resp *raft.TimeoutNowResponse) error {
+	return t.answered(id, t.Transport.TimeoutNow(id, target, args, resp))
+}
+
+// RequestPreVote keeps pre-vote working: raft enables it only when the
+// transport implements raft.WithPreVote.
+func (t *contactTransport) RequestPreVote(id raft.ServerID, target raft.ServerAddress, args *raft.RequestPreVoteRequest, resp *raft.RequestPreVoteResponse) error {
+	pv, ok := t.Transport.(raft.WithPreVote)
+	if !ok {
+		return errors.New("cluster: transport does not support pre-vote")
+	}
+	return t.answered(id, pv.RequestPreVote(id, target, args, resp))
+}
+
+// Close closes the wrapped transport (raft calls it on shutdown).
+func (t *contactTransport) Close() error {
+	if c, ok := t.Transport.(raft.WithClose); ok {
+		return c.Close()
+	}
+	return nil
+}

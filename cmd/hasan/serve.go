@@ -54,6 +54,11 @@ type serveConfig struct {
 	// self-demotion lease (must be shorter).
 	FailureTimeout time.Duration `yaml:"failure_timeout"`
 	Lease          time.Duration `yaml:"lease"`
+	// ReplicaAckTimeout is how long a primary waits for a replica that
+	// leaves a write unanswered before it drops it from the ISR (the
+	// write stall when a replica dies silently); default
+	// cluster.DefaultReplicaAckTimeout.
+	ReplicaAckTimeout time.Duration `yaml:"replica_ack_timeout"`
 	// ShutdownTimeout bounds the stop on SIGTERM, the hand-over of owned
 	// groups included.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
@@ -70,6 +75,9 @@ const (
 	defaultPortalListen      = "0.0.0.0:3260"
 	defaultAPIListen         = "127.0.0.1:7402"
 	defaultShutdownTimeout   = 10 * time.Second
+	// minReplicaAckTimeout: two replication ticks; less would drop a
+	// healthy replica for a scheduling hiccup.
+	minReplicaAckTimeout = 200 * time.Millisecond
 )
 
 func (c *serveConfig) setDefaults() {
@@ -92,6 +100,9 @@ func (c *serveConfig) setDefaults() {
 	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = defaultShutdownTimeout
+	}
+	if c.ReplicaAckTimeout <= 0 {
+		c.ReplicaAckTimeout = cluster.DefaultReplicaAckTimeout
 	}
 }
 
@@ -155,6 +166,9 @@ func (c *serveConfig) Validate() error {
 	}
 	if err := cluster.CheckTimeouts(c.Lease, c.FailureTimeout); err != nil {
 		return fmt.Errorf("config: lease/failure_timeout: %w", err)
+	}
+	if c.ReplicaAckTimeout < minReplicaAckTimeout {
+		return fmt.Errorf("config: replica_ack_timeout %v: must be at least %v", c.ReplicaAckTimeout, minReplicaAckTimeout)
 	}
 	return nil
 }
@@ -226,6 +240,7 @@ func newServeCmd() *cobra.Command {
   api_listen: 127.0.0.1:7402        # REST API; "off" disables it
   failure_timeout: 800ms
   lease: 500ms                      # must be shorter than failure_timeout
+  replica_ack_timeout: 1s           # a silent replica stalls writes this long, then leaves the ISR
 
 Create the cluster with 'hasan cluster init' on the first storage node.`,
 		Args: cobra.NoArgs,
@@ -436,7 +451,11 @@ func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOp
 	s.srvWG.Add(1)
 	go func() { defer s.srvWG.Done(); _ = s.rsrv.Serve(rl) }()
 	s.reps = &cluster.ReplicaAdapter{Self: cfg.Node, Dir: cfg.replicaDir(), Server: s.rsrv, TLS: tlsCfg,
-		FSM: node.FSM(), P: node, Logger: log}
+		FSM: node.FSM(), P: node, AckTimeout: cfg.ReplicaAckTimeout, Logger: log,
+		Silent: func(id string) bool {
+			at, ok := node.LastSeen()[id]
+			return ok && time.Since(at) > cfg.FailureTimeout
+		}}
 	var vips cluster.LocalVIPs
 	switch {
 	case o.VIPs != nil:
