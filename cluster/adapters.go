@@ -327,7 +327,6 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 		return fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
 	}
 	a.open[v.UUID] = &openReplica{primary: true, vol: vol, epoch: v.Epoch}
-	go a.watchRejoin(vol, v.UUID)
 	up, waited := a.waitPeers(ctx, vol)
 	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers),
 		"isr_up", up, "waited", waited)
@@ -409,53 +408,6 @@ func (a *ReplicaAdapter) silentAwareDial(peers map[string]string) func(ctx conte
 			return nil, fmt.Errorf("cluster: dial replica node %s: %w", id, err)
 		}
 		return c, nil
-	}
-}
-
-// rejoinPoll is how often watchRejoin looks at a primary's replicas.
-const rejoinPoll = 250 * time.Millisecond
-
-// watchRejoin nudges a primary whose caught-up replica waits to rejoin the
-// ISR, until the volume is closed. replication.Primary proposes a
-// caught-up replica for the ISR only when a resync or user operation
-// completes; when the resync finishes while that replica's removal is
-// still being committed (a joining node that connects right after the
-// grant), nothing completes afterwards on an idle volume, and the
-// replica stays out of the ISR for good (seen in 2 of ~8 fresh clusters of
-// test/cluster). A flush is such an operation, harmless, and only issued
-// once a replica has looked stuck on two polls in a row.
-// TODO(replication): re-check the rejoin in Primary.MembershipResult
-// after a committed removal; this nudge is then a no-op.
-func (a *ReplicaAdapter) watchRejoin(vol *replication.Volume, uuid string) {
-	stuck := map[string]int{}
-	for {
-		time.Sleep(rejoinPoll)
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		st, err := vol.Status(ctx)
-		cancel()
-		if errors.Is(err, replication.ErrClosed) {
-			return
-		}
-		nudge := false
-		for _, p := range st {
-			if p.Mode == "up" && !p.InISR && !p.Adding && !p.Removing && p.DirtyBytes == 0 {
-				stuck[p.ID]++
-				nudge = nudge || stuck[p.ID] >= 2
-			} else {
-				delete(stuck, p.ID)
-			}
-		}
-		if !nudge {
-			continue
-		}
-		logOr(a.Logger).Info("cluster: nudging a caught-up replica back into the ISR", "volume", uuid)
-		clear(stuck)
-		ctx, cancel = context.WithTimeout(context.Background(), time.Second)
-		err = vol.Flush(ctx)
-		cancel()
-		if errors.Is(err, replication.ErrClosed) {
-			return
-		}
 	}
 }
 

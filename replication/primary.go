@@ -750,6 +750,11 @@ func (p *Primary) MembershipResult(pr Proposal, st MembershipState, err error) {
 		}
 		p.isr[id] = q.inISR
 	}
+	// A peer whose resync finished while its removal was still being
+	// committed was skipped by pumpResync then; only now may it be
+	// proposed for re-adding, and on an idle volume nothing else would
+	// look at it again.
+	p.pumpResync()
 	for _, o := range slices.Clone(p.active) {
 		p.check(o)
 	}
