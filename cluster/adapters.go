@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -235,10 +236,8 @@ type openReplica struct {
 
 var _ LocalReplicas = (*ReplicaAdapter)(nil)
 
-// Open opens v's local replica. A replica that is new on this node starts
-// with generation 0 (unknown contents), so its first primary gives it a full
-// sync: the state does not yet carry a creation generation that would
-// prove a brand-new replica all zeros.
+// Open opens v's local replica, creating its files if this node has none
+// (see openLocal).
 func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -267,9 +266,8 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 		}
 	}
 	if local == nil {
-		local, err = replication.OpenLocal(replication.LocalOptions{Dir: a.Dir, Volume: v.UUID, Size: v.Size})
-		if err != nil {
-			return fmt.Errorf("cluster: open replica %s: %w", v.UUID, err)
+		if local, err = a.openLocal(v); err != nil {
+			return err
 		}
 	}
 	if !primary {
@@ -331,6 +329,28 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers),
 		"isr_up", up, "waited", waited)
 	return nil
+}
+
+// openLocal opens v's replica files. Files it creates start at v's
+// creation generation: all zeros like every replica created with the
+// volume, so the volume's first primary takes them in sync instead of
+// copying the whole volume. Files created later (a replaced disk, a node
+// that was down at creation) start there too, safely: replication takes a
+// fresh replica as in sync only from a primary that has not written yet,
+// and gives it a full sync otherwise. Existing files keep their own
+// generation.
+func (a *ReplicaAdapter) openLocal(v Volume) (*replication.Local, error) {
+	var gen uint64
+	_, err := replication.LoadLocalMeta(a.Dir, v.UUID)
+	if errors.Is(err, fs.ErrNotExist) {
+		gen = v.CreationGen
+		logOr(a.Logger).Info("cluster: creating replica", "volume", v.UUID, "size", v.Size, "creation_gen", gen)
+	}
+	local, err := replication.OpenLocal(replication.LocalOptions{Dir: a.Dir, Volume: v.UUID, Size: v.Size, Gen: gen})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: open replica %s: %w", v.UUID, err)
+	}
+	return local, nil
 }
 
 // waitPeers polls the new primary until every ISR member is up (or the

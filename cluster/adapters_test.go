@@ -233,8 +233,8 @@ func TestAdaptersServeAndMove(t *testing.T) {
 		t.Fatalf("read back on n1: %v", err)
 	}
 
-	// n2 must be back in the ISR (its new replica needed a full sync)
-	// before the group may move to it.
+	// n2 must be in the ISR before the group may move to it (it starts
+	// there: both replicas were created at the creation generation).
 	waitUntil(t, 30*time.Second, "n2 in the ISR", func() bool {
 		var in bool
 		l.FSM.Read(func(st *State) { in = slices.Contains(st.Volumes[adUUID].ISR, "n2") })

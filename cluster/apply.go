@@ -402,10 +402,20 @@ func (s *State) volumeCreate(cmd *VolumeCreateCmd) error {
 			return invalidf("replica node %s listed twice", r)
 		}
 	}
+	if cmd.CreationGen != 0 {
+		// A shared one would harm nothing (generations are compared
+		// per volume), but replication asks for one never reused, and
+		// 64 random bits repeat only through a proposer's bug.
+		for _, v := range s.Volumes {
+			if v.CreationGen == cmd.CreationGen {
+				return fmt.Errorf("%w: creation generation %#x is volume %s's", ErrExists, cmd.CreationGen, v.UUID)
+			}
+		}
+	}
 	s.Volumes[cmd.UUID] = &Volume{
 		UUID: cmd.UUID, Name: cmd.Name, Size: cmd.Size, BlockSize: bs, Thin: cmd.Thin,
 		Replicas: slices.Clone(cmd.Replicas), ISR: slices.Clone(cmd.Replicas),
-		Primary: cmd.Primary, Epoch: 1,
+		Primary: cmd.Primary, Epoch: 1, CreationGen: cmd.CreationGen,
 	}
 	return nil
 }

@@ -37,6 +37,11 @@ func cSetFence(id string, levels ...[]string) *Command {
 func cVol(uuid, primary string, replicas ...string) *Command {
 	return &Command{Kind: KindVolumeCreate, VolumeCreate: &VolumeCreateCmd{UUID: uuid, Name: "v", Size: 1 << 20, Primary: primary, Replicas: replicas}}
 }
+func cVolGen(uuid string, gen uint64, primary string, replicas ...string) *Command {
+	c := cVol(uuid, primary, replicas...)
+	c.VolumeCreate.CreationGen = gen
+	return c
+}
 func cISRRemove(vol string, epoch uint64, primary, replica string) *Command {
 	return &Command{Kind: KindISRRemove, ISRRemove: &ISRRemoveCmd{Volume: vol, Epoch: epoch, Primary: primary, Replica: replica}}
 }
@@ -108,7 +113,7 @@ func fixtureCommands() []*Command {
 		cSetFence("a", []string{"bmc-a"}),
 		cSetFence("b", []string{"bmc-b"}),
 		cVol(u1, "a", "a", "b"),
-		cVol(u2, "a", "a", "b", "c"),
+		cVolGen(u2, 0x5eed, "a", "a", "b", "c"), // snapshots keep the creation generation
 		cTarget(Target{IQN: iqn1, LUNs: map[uint64]string{0: u1, 1: u2},
 			CHAP: &CHAP{User: "alice", Secret: "s3cret-s3cret"}}),
 		cGroup(Group{Name: "g1", VIPs: []string{"192.0.2.10/24"}, Targets: []string{iqn1}, Preferred: []string{"a", "b"}}),
@@ -196,10 +201,16 @@ func TestApplyTable(t *testing.T) {
 		// volumes
 		{name: "volume create", cmd: cVol(u3, "b", "b", "c"), check: func(t *testing.T, s *State) {
 			v := s.Volumes[u3]
-			if v.Epoch != 1 || v.Primary != "b" || !slices.Equal(v.ISR, []string{"b", "c"}) || v.BlockSize != 512 {
+			if v.Epoch != 1 || v.Primary != "b" || !slices.Equal(v.ISR, []string{"b", "c"}) || v.BlockSize != 512 || v.CreationGen != 0 {
 				t.Fatalf("%+v", v)
 			}
 		}},
+		{name: "volume create with creation gen", cmd: cVolGen(u3, 0xfeed, "b", "b", "c"), check: func(t *testing.T, s *State) {
+			if v := s.Volumes[u3]; v.CreationGen != 0xfeed {
+				t.Fatalf("%+v", v)
+			}
+		}},
+		{name: "volume create creation gen reused", cmd: cVolGen(u3, 0x5eed, "b", "b", "c"), want: ErrExists},
 		{name: "volume create duplicate", cmd: cVol(u1, "a", "a"), want: ErrExists},
 		{name: "volume create bad uuid", cmd: cVol("nope", "a", "a"), want: ErrInvalid},
 		{name: "volume create primary not replica", cmd: cVol(u3, "c", "a", "b"), want: ErrInvalid},

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"bytes"
+	"crypto/rand"
+	"encoding/binary"
 	"encoding/gob"
 	"errors"
 	"fmt"
@@ -105,6 +107,30 @@ type Command struct {
 	FenceConfirm      *FenceConfirmCmd
 }
 
+// stamp fills in what the proposer chooses so that every node applies the
+// same command: the time, and a new volume's creation generation.
+func (c *Command) stamp(now func() time.Time) {
+	if c.At.IsZero() {
+		c.At = now()
+	}
+	if c.Kind == KindVolumeCreate && c.VolumeCreate != nil && c.VolumeCreate.CreationGen == 0 {
+		c.VolumeCreate.CreationGen = newCreationGen()
+	}
+}
+
+// newCreationGen returns a random nonzero generation. 64 random bits make
+// a collision with any other volume's (or any later generation a primary
+// draws) negligible; apply still refuses one already in the state.
+func newCreationGen() uint64 {
+	var b [8]byte
+	for {
+		rand.Read(b[:]) // never fails (crypto/rand since Go 1.24)
+		if g := binary.LittleEndian.Uint64(b[:]); g != 0 {
+			return g
+		}
+	}
+}
+
 // NodeAddCmd registers a node (bootstrap or an operator; joins use JoinCmd).
 type NodeAddCmd struct{ Node NodeInfo }
 
@@ -133,6 +159,14 @@ type VolumeCreateCmd struct {
 	Thin       bool
 	Primary    string
 	Replicas   []string // the primary included
+	// CreationGen is the replication generation the replicas created
+	// together with the volume start with (replication.LocalOptions.Gen):
+	// they are all zeros, so they start in sync instead of the second one
+	// copying the whole volume. Apply never draws random numbers, so the
+	// proposer chooses it (Propose fills in a random nonzero value when it
+	// is zero). Zero (a command logged before it existed) means none:
+	// every new replica of the volume gets one full sync.
+	CreationGen uint64
 }
 
 // VolumeResizeCmd grows a volume.

@@ -273,9 +273,7 @@ func (n *Node) WaitLeader(ctx context.Context) error {
 // Propose commits c and returns Apply's result. On a follower the command
 // is forwarded to the leader. The context bounds the wait.
 func (n *Node) Propose(ctx context.Context, c *Command) (any, error) {
-	if c.At.IsZero() {
-		c.At = n.cfg.Clock.Now()
-	}
+	c.stamp(n.cfg.Clock.Now)
 	b, err := c.Encode()
 	if err != nil {
 		return nil, err

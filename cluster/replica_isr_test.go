@@ -81,7 +81,9 @@ func TestDeadReplicaLeavesISRWithinBudget(t *testing.T) {
 	}
 	vol, _ := rp.n1.reps.Primary(adUUID)
 	data := bytes.Repeat([]byte{0x5a}, 4096)
-	// The brand-new replica is fully synced and rejoins.
+	// The brand-new replica is in the ISR: at once, as it was created at
+	// the creation generation, or after a resync if its handshake came
+	// after the first write.
 	waitUntil(t, 30*time.Second, "n2 in the ISR", func() bool {
 		if err := vol.WriteAt(ctx, data, 0, true); err != nil {
 			t.Fatal(err)

@@ -73,6 +73,14 @@ type Volume struct {
 	ISR     []string `json:"isr"`
 	Primary string   `json:"primary"`
 	Epoch   uint64   `json:"epoch"`
+	// CreationGen is the replication generation a node gives this
+	// volume's replica when it creates its files (replication's creation
+	// generation, from VolumeCreateCmd): replicas created with the volume
+	// start in sync. One created later gets it too and is still fully
+	// synced: replication takes such a fresh replica as in sync only from
+	// a primary that has not written yet. Zero (volumes created before
+	// it existed): every new replica gets a full sync.
+	CreationGen uint64 `json:"creation_gen,omitempty"`
 }
 
 // Secret is a CHAP secret. Every way it is printed or written as JSON

@@ -51,13 +51,11 @@ func (l *Local) Propose(ctx context.Context, c *Command) (any, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if c.At.IsZero() {
-		clk := l.Clock
-		if clk == nil {
-			clk = SystemClock{}
-		}
-		c.At = clk.Now()
+	clk := l.Clock
+	if clk == nil {
+		clk = SystemClock{}
 	}
+	c.stamp(clk.Now)
 	b, err := c.Encode()
 	if err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"log/slog"
 	"math/big"
 	"net"
@@ -476,3 +477,41 @@ func TestFullSyncForUnknownReplicaThrottled(t *testing.T) {
 }
 
 func writeFile(p string, b []byte) error { return os.WriteFile(p, b, 0o600) }
+
+// TestWriteAtCancelledContextKeepsBuffer: a write whose context is already
+// done is still posted to the primary, which issues it (and refers to the
+// caller's buffer) later. WriteAt must not return, and let the caller
+// reuse the buffer, before that: it once did, which corrupted the written
+// data and panicked on a second release of the buffer's hold (libiscsi's
+// conformance run against a replicated LUN, where aborted commands cancel
+// their context).
+func TestWriteAtCancelledContextKeepsBuffer(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	c.waitISR(2)
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	const n, bs = 64, 4096
+	for i := 0; i < n; i++ {
+		buf := bytes.Repeat([]byte{byte(i + 1)}, bs)
+		err := c.prim.WriteAt(done, buf, int64(i)*bs, false)
+		if !errors.Is(err, context.Canceled) && err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+		// The caller owns buf again: scribble over it.
+		for j := range buf {
+			buf[j] = 0xEE
+		}
+	}
+	if err := c.prim.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, bs)
+	for i := 0; i < n; i++ {
+		if err := c.prim.ReadAt(context.Background(), got, int64(i)*bs); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, bytes.Repeat([]byte{byte(i + 1)}, bs)) {
+			t.Fatalf("block %d holds %#x..., want %#x: the buffer was reused while the write still referred to it", i, got[0], i+1)
+		}
+	}
+}

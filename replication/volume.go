@@ -610,8 +610,18 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	// dropped with its connection. That holds also when ctx ends early or
 	// the volume closes, so WriteAt may outlive ctx by as long as that takes
 	// (bounded by the ack timeout of a stuck connection).
+	//
+	// For the same reason the write is waited for even when ctx ends
+	// first: the request stays in flight, and the primary may issue it
+	// (taking new references to p) after we would have returned. ctx only
+	// bounds the wait of a caller that gives p away; this one cannot.
 	h := newHold()
-	err := v.do(ctx, Request{Kind: ReqWrite, Off: off, Data: p, FUA: fua, Hold: h})
+	err := v.do(context.WithoutCancel(ctx), Request{Kind: ReqWrite, Off: off, Data: p, FUA: fua, Hold: h})
+	if err == nil && ctx.Err() != nil {
+		// Completed, but after the caller gave up: report what it asked
+		// for, as other backends do.
+		err = ctx.Err()
+	}
 	h.unref()
 	<-h.free
 	return err
