@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -446,10 +447,18 @@ func (s *Server) visibleTargets(initiator string) []*TargetConfig {
 // portalAddrs lists "ip:port" for every listener, the one local (the
 // address the initiator reached) first; wildcard listeners report local's
 // IP with their own port.
+// portalString formats a portal for SendTargets. An IPv4 address that
+// arrived on a dual-stack socket is held IPv4-mapped (::ffff:a.b.c.d);
+// initiators must be sent the plain IPv4 form.
+func portalString(ta *net.TCPAddr) string {
+	ap := ta.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+}
+
 func (s *Server) portalAddrs(local net.Addr) []string {
 	first := ""
 	if ta, ok := local.(*net.TCPAddr); ok {
-		first = ta.AddrPort().String()
+		first = portalString(ta)
 	}
 	out := []string{}
 	if first != "" {
@@ -471,7 +480,7 @@ func (s *Server) portalAddrs(local net.Addr) []string {
 				ta = &net.TCPAddr{IP: la.IP, Port: ta.Port, Zone: la.Zone}
 			}
 		}
-		str := ta.AddrPort().String()
+		str := portalString(ta)
 		if !slices.Contains(out, str) {
 			out = append(out, str)
 		}
