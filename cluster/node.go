@@ -69,6 +69,11 @@ type NodeConfig struct {
 	// removed, cannot change the cluster.
 	ForwardFromAnyCert bool
 
+	// CA, when set (the node holding the CA key), lets this node answer
+	// network joins: it signs the new node's CSR (join.go). Nodes without
+	// it refuse joins with ErrNoCAKey.
+	CA *CA
+
 	Clock  Clock
 	Logger *slog.Logger
 }
@@ -186,6 +191,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		n.mux = m
 		m.handle(tagForward, n.serveForward)
 		m.handle(tagHeartbeat, n.serveHeartbeat)
+		m.handle(tagBootstrap, n.serveBootstrap)
+		m.handle(tagAdmit, n.serveAdmit)
 		m.start()
 		nt := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 			Stream: m, MaxPool: 3, Timeout: 2 * time.Second, Logger: hlog,
@@ -661,11 +668,13 @@ func (n *Node) RemoveServer(ctx context.Context, id string) error {
 // Join admits a node that presented token: the JoinCmd consumes the token
 // (single use, checked by Apply), then the node becomes a voter. Runs on
 // the leader (the API forwards to it).
+// The token may be a full ticket (JoinTicket): only its secret counts.
 func (n *Node) Join(ctx context.Context, token string, nd NodeInfo) error {
-	if !strings.HasPrefix(token, tokenPrefix+".") {
-		return ErrToken
+	t, err := ParseJoinTicket(token)
+	if err != nil {
+		return err
 	}
-	if _, err := n.Propose(ctx, &Command{Kind: KindJoin, Join: &JoinCmd{Hash: TokenHash(token), Node: nd}}); err != nil {
+	if _, err := n.Propose(ctx, &Command{Kind: KindJoin, Join: &JoinCmd{Hash: TokenHash(t.Secret), Node: nd}}); err != nil {
 		return err
 	}
 	return n.AddVoter(ctx, nd.ID, nd.RaftAddr)

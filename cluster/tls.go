@@ -95,7 +95,15 @@ func (ca *CA) issue(id string, ou []string, now time.Time, validity time.Duratio
 	if err != nil {
 		return nil, nil, fmt.Errorf("cluster: node key: %w", err)
 	}
-	tmpl := &x509.Certificate{
+	der, err := x509.CreateCertificate(rand.Reader, nodeTemplate(id, ou, now, validity), ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cluster: node cert: %w", err)
+	}
+	return pemBlock("CERTIFICATE", der), mustKeyPEM(key), nil
+}
+
+func nodeTemplate(id string, ou []string, now time.Time, validity time.Duration) *x509.Certificate {
+	return &x509.Certificate{
 		SerialNumber: randomSerial(),
 		Subject:      pkix.Name{CommonName: id, Organization: []string{"hasan"}, OrganizationalUnit: ou},
 		DNSNames:     []string{clusterServerName, id},
@@ -104,11 +112,6 @@ func (ca *CA) issue(id string, ou []string, now time.Time, validity time.Duratio
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("cluster: node cert: %w", err)
-	}
-	return pemBlock("CERTIFICATE", der), mustKeyPEM(key), nil
 }
 
 // TLSConfig returns the mutual-TLS configuration of a node: it presents

@@ -23,6 +23,10 @@ import (
 const (
 	tagForward   byte = 0xF0 // a follower's proposal, applied by the leader
 	tagHeartbeat byte = 0xF1 // a node's liveness stream to the leader
+	// tagBootstrap is the one stream a client without a certificate may
+	// open: a new node's network join (join.go).
+	tagBootstrap byte = 0xF2
+	tagAdmit     byte = 0xF3 // the CA holder asks the leader to admit a joiner
 )
 
 // muxLayer is a raft.StreamLayer over TLS that hands raft its connections
@@ -46,7 +50,12 @@ type muxLayer struct {
 var _ raft.StreamLayer = (*muxLayer)(nil)
 
 func newMuxLayer(bind string, advertise net.Addr, cfg *tls.Config, log *slog.Logger) (*muxLayer, error) {
-	ln, err := tls.Listen("tcp", bind, cfg)
+	// A client certificate is optional at the handshake only so that a
+	// new node can reach the bootstrap stream; one that is presented must
+	// still verify, and route refuses every other stream without one.
+	lcfg := cfg.Clone()
+	lcfg.ClientAuth = tls.VerifyClientCertIfGiven
+	ln, err := tls.Listen("tcp", bind, lcfg)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: listen %s: %w", bind, err)
 	}
@@ -93,7 +102,8 @@ func (m *muxLayer) start() {
 }
 
 // route finishes the handshake and dispatches on the first byte. A peer
-// without a certificate from the cluster CA never gets past Handshake.
+// with a certificate not from the cluster CA never gets past Handshake; a
+// peer without one gets only the bootstrap stream.
 func (m *muxLayer) route(c net.Conn) {
 	tc := c.(*tls.Conn)
 	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
@@ -105,6 +115,11 @@ func (m *muxLayer) route(c net.Conn) {
 	br := bufio.NewReader(tc)
 	tag, err := br.Peek(1)
 	if err != nil {
+		c.Close()
+		return
+	}
+	if tag[0] != tagBootstrap && len(tc.ConnectionState().VerifiedChains) == 0 {
+		m.log.Warn("cluster: stream refused without a client certificate", "remote", c.RemoteAddr(), "tag", tag[0])
 		c.Close()
 		return
 	}

@@ -66,7 +66,7 @@ func writeFiles(dir string, files map[string][]byte) error {
 	return nil
 }
 
-const nodeCertValidity = 5 * 365 * 24 * time.Hour
+const nodeCertValidity = cluster.NodeCertValidity
 
 func newClusterCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "create, join and inspect the cluster"}
@@ -189,17 +189,38 @@ func issueNodeCert(cfg *serveConfig, id, out string) error {
 
 func newClusterTokenCmd() *cobra.Command {
 	var (
-		config, role string
-		ttl          time.Duration
+		config, role, join string
+		ttl                time.Duration
 	)
 	c := &cobra.Command{
 		Use:   "token",
 		Short: "print a short-lived, single-use join token (asks the running node through its admin socket)",
-		Args:  cobra.NoArgs,
+		Long: "token prints hsn1.<id>.<secret>.<sha256 of the cluster CA certificate>@<member address>. " +
+			"The new node uses the hash to authenticate the cluster before it sends the secret, and dials the " +
+			"address (this node's cluster_advertise unless --join is given). The member it dials must hold the " +
+			"CA key (data_dir/tls/ca.key: the node that ran `cluster init`), since it signs the new certificate.",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadServeConfig(config)
 			if err != nil {
 				return err
+			}
+			caPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caCertFile))
+			if err != nil {
+				return fmt.Errorf("hasan: %w", err)
+			}
+			hash, err := cluster.CAHash(caPEM)
+			if err != nil {
+				return err
+			}
+			if join == "" {
+				if _, err := os.Stat(filepath.Join(cfg.tlsDir(), caKeyFile)); err != nil {
+					return errors.New("hasan: this node does not hold the CA key: pass --join with the cluster address of the node that ran `cluster init`")
+				}
+				join = cfg.clusterAdvertise()
+				if host, _, err := net.SplitHostPort(join); err != nil || host == "" || net.ParseIP(host) != nil && net.ParseIP(host).IsUnspecified() {
+					return fmt.Errorf("hasan: cluster address %q cannot be dialled by a new node: set cluster_advertise or pass --join", join)
+				}
 			}
 			var resp struct {
 				Token string `json:"token"`
@@ -208,49 +229,97 @@ func newClusterTokenCmd() *cobra.Command {
 			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodPost, q, nil, &resp); err != nil {
 				return err
 			}
-			fmt.Fprintln(cmd.OutOrStdout(), resp.Token)
+			fmt.Fprintln(cmd.OutOrStdout(), cluster.JoinTicket{Secret: resp.Token, CAHash: hash, Addr: join})
 			return nil
 		},
 	}
 	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of this node")
 	c.Flags().StringVar(&role, "role", "storage", "role of the joining node: storage or witness")
 	c.Flags().DurationVar(&ttl, "ttl", 15*time.Minute, "token lifetime")
+	c.Flags().StringVar(&join, "join", "", "cluster address (host:port) of a member holding the CA key, put in the token")
 	return c
 }
 
+// loadLocalCA returns the CA when this node holds its key (it then signs
+// network joins), nil otherwise.
+func loadLocalCA(cfg *serveConfig) (*cluster.CA, error) {
+	keyPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caKeyFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("hasan: %w", err)
+	}
+	certPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caCertFile))
+	if err != nil {
+		return nil, fmt.Errorf("hasan: %w", err)
+	}
+	return cluster.LoadCA(certPEM, keyPEM)
+}
+
 func newClusterJoinCmd() *cobra.Command {
-	var config, token, via string
+	var config, token, via, join string
 	c := &cobra.Command{
 		Use:   "join",
-		Short: "admit a node with a join token (run next to the Raft leader; see --help)",
-		Long: "join admits the node described by --config into the cluster: the token is checked and consumed " +
-			"by Raft and the node becomes a voter. The new node must already have its certificate " +
-			"(`hasan cluster cert` on the init node, copied to its data_dir/tls) and run `hasan serve`.\n\n" +
-			"LIMIT: the request goes to the admin socket (--via) of the current Raft leader, so this runs on " +
-			"the leader's host. Joining over the network, with the certificate issued remotely from the token, " +
-			"is not implemented yet.",
+		Short: "join this node to the cluster with a token from `hasan cluster token`",
+		Long: "join, run on the NEW node before its first `hasan serve`, makes its key and a certificate request, " +
+			"dials the member named in the token (or --join) on its cluster port, checks that member's CA against " +
+			"the hash in the token, and only then sends the token and the request. The member holding the CA key " +
+			"consumes the token through Raft, signs the certificate and adds the node (as a non-voter, promoted to " +
+			"voter once it answers). The certificate is written to data_dir/tls; then start `hasan serve`.\n\n" +
+			"With --via (the leader's admin socket, on the leader's host) the node described by --config is admitted " +
+			"locally instead; it must already have its certificate (`hasan cluster cert`) and run `hasan serve`.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadServeConfig(config)
 			if err != nil {
 				return err
 			}
-			if via == "" {
-				return errors.New("hasan: --via (the leader's admin socket) is required: remote join is not implemented")
+			if via != "" {
+				req := joinRequest{Token: strings.TrimSpace(token), Node: cfg.nodeInfo()}
+				if err := adminCall(cmd.Context(), via, http.MethodPost, "/join", req, nil); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s joined\n", cfg.Node)
+				return nil
 			}
-			req := joinRequest{Token: strings.TrimSpace(token), Node: cfg.nodeInfo()}
-			if err := adminCall(cmd.Context(), via, http.MethodPost, "/join", req, nil); err != nil {
+			if err := networkJoin(cmd.Context(), cfg, token, join); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s joined\n", cfg.Node)
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s joined; certificate written to %s; start it with `hasan serve --config %s`\n", cfg.Node, cfg.tlsDir(), config)
 			return nil
 		},
 	}
 	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of the joining node")
 	c.Flags().StringVar(&token, "token", "", "join token from `hasan cluster token`")
-	c.Flags().StringVar(&via, "via", "", "admin socket of the Raft leader (its data_dir/admin.sock)")
+	c.Flags().StringVar(&via, "via", "", "admin socket of the Raft leader (its data_dir/admin.sock): admit locally instead of over the network")
+	c.Flags().StringVar(&join, "join", "", "cluster address (host:port) of a member holding the CA key (default: the token's)")
 	_ = c.MarkFlagRequired("token")
 	return c
+}
+
+// networkJoin refuses to overwrite an existing identity: a second key for
+// the same node id, or a node that already has raft state, would split it.
+func networkJoin(ctx context.Context, cfg *serveConfig, token, join string) error {
+	for _, p := range []string{filepath.Join(cfg.tlsDir(), nodeCertFile), filepath.Join(cfg.tlsDir(), caCertFile), filepath.Join(cfg.raftDir(), "raft.db")} {
+		if _, err := os.Stat(p); err == nil {
+			return fmt.Errorf("hasan: %s exists: this node already has a cluster identity", p)
+		}
+	}
+	t, err := cluster.ParseJoinTicket(token)
+	if err != nil {
+		return err
+	}
+	jctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	res, err := cluster.JoinNetwork(jctx, t, join, cfg.nodeInfo())
+	if err != nil {
+		return err
+	}
+	if err := writeFiles(cfg.tlsDir(), map[string][]byte{caCertFile: res.CACert, nodeCertFile: res.Cert, nodeKeyFile: res.Key}); err != nil {
+		return fmt.Errorf("hasan: %w", err)
+	}
+	return nil
 }
 
 type joinRequest struct {

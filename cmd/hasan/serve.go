@@ -349,12 +349,16 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	ca, err := loadLocalCA(cfg)
+	if err != nil {
+		return nil, err
+	}
 	_, statErr := os.Stat(filepath.Join(cfg.raftDir(), "raft.db"))
 	member := statErr == nil
 	node, err := cluster.NewNode(cluster.NodeConfig{
 		ID: cfg.Node, Role: cluster.Role(cfg.Role), DataDir: cfg.raftDir(),
 		BindAddr: cfg.ClusterListen, AdvertiseAddr: cfg.ClusterAdvertise, TLS: tlsCfg, Logger: log,
-		ForwardFromAnyCert: cfg.ForwardFromAnyCertificate,
+		ForwardFromAnyCert: cfg.ForwardFromAnyCertificate, CA: ca,
 	})
 	if err != nil {
 		return nil, err
