@@ -33,8 +33,9 @@ func TestCreationGenerationRealFiles(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if m.Gen != fGen || m.Fresh {
-			t.Fatalf("%s after the handshake: gen %x fresh %v, want gen %x, no longer fresh", n, m.Gen, m.Fresh, uint64(fGen))
+		// The primary has not written: its messages leave them fresh.
+		if m.Gen != fGen || !m.Fresh {
+			t.Fatalf("%s after the handshake: gen %x fresh %v, want gen %x, still fresh", n, m.Gen, m.Fresh, uint64(fGen))
 		}
 	}
 	// One block in every region, so a replica missing any region differs.
@@ -45,6 +46,12 @@ func TestCreationGenerationRealFiles(t *testing.T) {
 		}
 		if err := v.WriteAt(ctx, buf, r*fRS+4096, false); err != nil {
 			t.Fatal(err)
+		}
+	}
+
+	for _, n := range []string{"n2", "n3"} {
+		if m, err := LoadLocalMeta(h.dir(n), fVol); err != nil || m.Fresh {
+			t.Fatalf("%s after the first writes: still fresh (%v)", n, err)
 		}
 	}
 

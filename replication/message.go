@@ -58,9 +58,14 @@ const (
 	FlagFUA uint8 = 1 << iota
 	FlagResync
 	// FlagFresh on a HelloAck: the replica was created together with the
-	// volume, at its creation generation, and has not applied a message
-	// from any primary since (Meta.Fresh).
+	// volume, at its creation generation, and holds only zeros since
+	// (Meta.Fresh). On any message from a primary: the primary is fresh
+	// (has never written), so the message leaves a fresh replica fresh; a
+	// replica clears its Fresh on the first message without it.
 	FlagFresh
+	// FlagSynced on a MsgGen from a fresh primary: the replica has caught
+	// up and holds exactly the primary's zeros, so it becomes fresh.
+	FlagSynced
 )
 
 // Message is one protocol message. Fields not used by a type are zero.
@@ -116,6 +121,9 @@ func (m Message) String() string {
 	}
 	if m.Flags&FlagFresh != 0 {
 		s += " fresh"
+	}
+	if m.Flags&FlagSynced != 0 {
+		s += " synced"
 	}
 	if m.Err != "" {
 		s += " err=" + m.Err

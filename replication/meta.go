@@ -26,15 +26,18 @@ type Meta struct {
 	// the same data except for the regions in a bitmap or activity log.
 	// Zero means unknown (a new replica): it gets a full sync.
 	Gen uint64 `json:"gen"`
-	// Fresh marks a replica created together with its volume at the
-	// volume's creation generation (LocalOptions.Gen), all zeros, that has
-	// not changed since: a primary clears it before its first write, a
-	// replica when it accepts its first message after a handshake. Two
-	// fresh replicas of the same generation are identical without a sync;
-	// a fresh replica is never taken as in sync with a primary that is no
-	// longer fresh, even at the same generation (say, a disk replaced and
-	// recreated with the creation generation by mistake): it gets a full
-	// sync.
+	// Fresh marks a replica that holds nothing but zeros: created together
+	// with its volume at the volume's creation generation (LocalOptions.Gen)
+	// and not written since. A primary clears it before its first write; a
+	// replica on the first message from a primary that is not fresh itself
+	// (messages of a fresh primary carry FlagFresh), and sets it when it
+	// caught up with a fresh primary (FlagSynced). Two fresh replicas of the
+	// same generation are identical without a sync; a fresh replica is never
+	// taken as in sync with a primary that is no longer fresh, even at the
+	// same generation (say, a disk replaced and recreated with the creation
+	// generation by mistake): it gets a full sync. Conversely a fresh
+	// primary that meets a written replica of its lineage refuses to serve
+	// (ErrDiverged) rather than serve or sync its zeros.
 	Fresh bool `json:"fresh,omitempty"`
 	// AL is the activity log: regions that may have writes in flight. On a
 	// primary it is its own; on a replica it is the copy the primary sent.

@@ -13,6 +13,13 @@ var ErrLocalDisk = errors.New("replication: local disk error")
 // ErrClosed is returned for requests after the volume was closed.
 var ErrClosed = errors.New("replication: volume closed")
 
+// ErrDiverged marks a primary whose own replica is fresh (all zeros, never
+// written) while a replica of its lineage has been written: this node's
+// copy is not the volume's data (typically a replaced disk recreated at the
+// creation generation). The primary refuses to serve and reports itself
+// unhealthy so the cluster moves the volume to a node that holds the data.
+var ErrDiverged = errors.New("replication: local replica is empty but a peer holds written data")
+
 // PrimaryConfig configures the primary state machine.
 type PrimaryConfig struct {
 	Self string
@@ -60,6 +67,9 @@ type peer struct {
 	proposed bool // removal handed to Membership
 	adding   bool // catch-up proof sent, add not yet committed
 	knownGen uint64
+	// verified: a handshake with this peer completed since this Primary
+	// was built, so a fresh primary knows the peer holds no data it lacks.
+	verified bool
 	inflight int    // resync chunks in flight
 	cursor   uint64 // next region to consider for resync
 	done     int64  // resync bytes copied since the last handshake
@@ -112,6 +122,7 @@ type Primary struct {
 	ops         map[uint64]*op // by token
 	bySeq       map[uint64]*op
 	queue       []*op // not yet issued (range conflict)
+	held        []*op // user requests held while fresh and an ISR member is unverified
 	active      []*op // issued, not released
 	alRefs      map[uint64]int
 	next        uint64 // token and sequence counter
@@ -249,7 +260,45 @@ func (p *Primary) Propose(r Request) {
 		o.lo, o.hi = r.Off, r.Off+r.Len
 	}
 	p.ops[o.token] = o
+	if p.holding() || len(p.held) > 0 {
+		o.tick = p.ticks
+		p.held = append(p.held, o)
+		return
+	}
 	p.enqueue(o)
+}
+
+// holding reports whether user requests must wait: this node is fresh and
+// some ISR member has not completed a handshake yet. The first write clears
+// Fresh, after which nothing could tell this node's empty copy from the
+// volume's data any more; until every ISR member has shown that it was not
+// written either (or has left the ISR), the write waits.
+func (p *Primary) holding() bool {
+	if !p.meta.Fresh {
+		return false
+	}
+	for _, id := range p.order {
+		if pe := p.peers[id]; pe.inISR && !pe.removing && !pe.verified {
+			return true
+		}
+	}
+	return false
+}
+
+// Holding reports whether user requests are held (see holding); the shell
+// holds reads as long, so a diverged node serves no zeros before it knows.
+func (p *Primary) Holding() bool { return p.fenced == nil && p.holding() }
+
+// releaseHeld issues the held requests, in order, once holding is over.
+func (p *Primary) releaseHeld() {
+	if len(p.held) == 0 || p.fenced != nil || p.holding() {
+		return
+	}
+	held := p.held
+	p.held = nil
+	for _, o := range held {
+		p.enqueue(o)
+	}
 }
 
 func (p *Primary) overlapsActive(o *op) bool {
@@ -296,6 +345,11 @@ func (p *Primary) drainQueue() {
 
 func (p *Primary) send(to string, m Message) uint64 {
 	m.Epoch = p.meta.Epoch
+	if p.meta.Fresh {
+		// This node holds only zeros: nothing it sends makes a fresh
+		// replica less fresh.
+		m.Flags |= FlagFresh
+	}
 	if m.Seq == 0 && m.Type != MsgHello {
 		m.Seq = p.nextID()
 	}
@@ -618,6 +672,13 @@ func (p *Primary) PeerDown(id string, reason error) {
 	if wasUp {
 		p.rd.Disconnect = append(p.rd.Disconnect, id)
 	}
+	if p.fenced != nil {
+		// Nothing waits any more, and a stopped primary must not change
+		// the ISR or the generation: a diverged one would take the ISR
+		// member holding the data out of it, and with it the node the
+		// volume has to move to.
+		return
+	}
 	for _, o := range slices.Clone(p.active) {
 		if seq, ok := o.sent[id]; ok && !o.acked[id] {
 			delete(p.bySeq, seq)
@@ -633,7 +694,11 @@ func (p *Primary) PeerDown(id string, reason error) {
 			}
 		}
 	}
-	if pe.inISR && !pe.removing {
+	// A fresh primary does not give up at once on an ISR member it has not
+	// heard from: that member may hold data this node lacks (ErrDiverged),
+	// and a refused dial (its server restarting) must not be enough to
+	// drop it and serve zeros. It is removed after the ack timeout (Tick).
+	if pe.inISR && !pe.removing && !(p.meta.Fresh && !pe.verified) {
 		p.startRemoval(id)
 	}
 	for _, o := range slices.Clone(p.active) {
@@ -673,6 +738,7 @@ func (p *Primary) startRemoval(id string) {
 		}
 	}
 	p.check(g)
+	p.releaseHeld()
 }
 
 func (p *Primary) afterGen(g *op) {
@@ -758,6 +824,7 @@ func (p *Primary) MembershipResult(pr Proposal, st MembershipState, err error) {
 	for _, o := range slices.Clone(p.active) {
 		p.check(o)
 	}
+	p.releaseHeld()
 }
 
 func (p *Primary) fence(err error) {
@@ -765,13 +832,13 @@ func (p *Primary) fence(err error) {
 		return
 	}
 	p.fenced = fmt.Errorf("replication: primary %s at epoch %d fenced: %w", p.cfg.Self, p.meta.Epoch, err)
-	for _, o := range append(slices.Clone(p.active), p.queue...) {
+	for _, o := range append(append(slices.Clone(p.active), p.queue...), p.held...) {
 		if o.kind == opUser && !o.done {
 			o.done = true
 			p.rd.Acks = append(p.rd.Acks, Ack{ID: o.req.ID, Err: p.fenced})
 		}
 	}
-	p.active, p.queue = nil, nil
+	p.active, p.queue, p.held = nil, nil, nil
 	for _, id := range p.order {
 		if p.peers[id].mode != peerDown {
 			p.peers[id].mode = peerDown
@@ -835,6 +902,18 @@ func (p *Primary) handshake(pe *peer, m Message) {
 	// A replica still fresh from creation holds zeros: it matches this
 	// node's lineage only while this node is fresh too.
 	staleFresh := m.Flags&FlagFresh != 0 && !p.meta.Fresh
+	// The converse: this node is fresh, yet a replica of its lineage (an
+	// ISR member, or one at its generation) has been written. The writes
+	// came from a primary this node followed, so this node's zeros are not
+	// the volume's data: its own copy was lost and recreated (say, a
+	// replaced disk given the creation generation). Taking the replica as
+	// in sync would serve zeros over its data, syncing would destroy it.
+	// Generation 0 is a new replica of unknown contents, not written data.
+	if p.meta.Fresh && m.Flags&FlagFresh == 0 && m.Gen != 0 && (pe.inISR || m.Gen == p.meta.Gen) {
+		p.diverged(pe, m)
+		return
+	}
+	pe.verified = true
 	switch {
 	case staleFresh:
 		p.fullSync(pe)
@@ -875,6 +954,22 @@ func (p *Primary) handshake(pe *peer, m Message) {
 	}
 	p.send(id, Message{Type: MsgAL, Regions: slices.Clone(p.meta.AL)})
 	p.pumpResync()
+	p.releaseHeld()
+}
+
+// diverged stops this primary for good: its own replica lacks data that
+// peer pe holds. Nothing is sent to pe (it keeps its data untouched), every
+// request fails, and the shell reports the node unhealthy so the cluster
+// moves the volume to a node that has the data.
+func (p *Primary) diverged(pe *peer, m Message) {
+	err := fmt.Errorf("%w: %s is fresh here at generation %x, peer %s has been written at generation %x",
+		ErrDiverged, p.meta.Volume, p.meta.Gen, pe.id, m.Gen)
+	pe.lastErr = err.Error()
+	if p.diskErr == nil {
+		p.diskErr = err
+		p.rd.Unhealthy = err
+	}
+	p.fence(err)
 }
 
 // fullSync starts a full sync of a replica of unknown lineage. The replica
@@ -925,7 +1020,12 @@ func (p *Primary) pumpResync() {
 				acked: map[string]bool{id: false}, sent: map[string]uint64{}}
 			p.ops[g.token] = g
 			p.active = append(p.active, g)
-			seq := p.send(id, Message{Type: MsgGen, Gen: g.addGen})
+			m := Message{Type: MsgGen, Gen: g.addGen}
+			if p.meta.Fresh {
+				// The replica now holds exactly this node's zeros.
+				m.Flags |= FlagSynced
+			}
+			seq := p.send(id, m)
 			p.track(g, id, seq)
 		}
 	}
@@ -1012,7 +1112,7 @@ func (p *Primary) finishVerify(o *op) {
 // AckTimeoutTicks are treated as down.
 func (p *Primary) Tick() {
 	p.ticks++
-	if p.cfg.AckTimeoutTicks <= 0 {
+	if p.cfg.AckTimeoutTicks <= 0 || p.fenced != nil {
 		return
 	}
 	late := map[string]string{} // peer → what it left unanswered
@@ -1034,6 +1134,18 @@ func (p *Primary) Tick() {
 			}
 		}
 	}
+	// A fresh primary holds requests (and its shell reads) for an
+	// unverified ISR member; one that has not connected within the ack
+	// timeout leaves the ISR, as if it had left a write unanswered.
+	var unverified []string
+	if p.holding() && p.ticks >= p.cfg.AckTimeoutTicks {
+		for _, id := range p.order {
+			if pe := p.peers[id]; pe.inISR && !pe.removing && !pe.verified && pe.mode != peerUp && late[id] == "" {
+				late[id] = fmt.Sprintf("fresh primary waited %d ticks for it to connect", p.ticks)
+				unverified = append(unverified, id)
+			}
+		}
+	}
 	ids := make([]string, 0, len(late))
 	for id := range late {
 		ids = append(ids, id)
@@ -1041,6 +1153,12 @@ func (p *Primary) Tick() {
 	sort.Strings(ids)
 	for _, id := range ids {
 		p.PeerDown(id, fmt.Errorf("replication: ack timeout: %s", late[id]))
+	}
+	for _, id := range unverified {
+		if pe := p.peers[id]; pe.inISR && !pe.removing && p.fenced == nil {
+			p.startRemoval(id)
+			p.releaseHeld()
+		}
 	}
 }
 

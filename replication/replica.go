@@ -69,10 +69,12 @@ func (r *Replica) Step(m Message) {
 		r.dirtyMD = true
 		r.rd.Barrier = true
 	}
-	if m.Type != MsgHello && r.meta.Fresh {
-		// The first message a primary sends after the handshake (its
-		// activity log, ahead of any data): from now on this replica is
-		// only as good as its generation says, like any other.
+	if m.Type != MsgHello && r.meta.Fresh && m.Flags&FlagFresh == 0 {
+		// The first message from a primary that has written (its activity
+		// log, ahead of any data) or that predates FlagFresh: from now on
+		// this replica is only as good as its generation says, like any
+		// other. Persisted before the data it precedes lands, so a
+		// replica that holds written data never claims to be fresh.
 		r.meta.Fresh = false
 		r.dirtyMD = true
 	}
@@ -101,6 +103,11 @@ func (r *Replica) Step(m Message) {
 		r.rd.Send = append(r.rd.Send, ack)
 	case MsgGen:
 		r.meta.Gen = m.Gen
+		if m.Flags&FlagSynced != 0 && m.Flags&FlagFresh != 0 && !r.meta.Fresh {
+			// Caught up with a primary that has never written: this
+			// replica holds its zeros, whatever it held before.
+			r.meta.Fresh = true
+		}
 		r.dirtyMD = true
 		r.rd.Send = append(r.rd.Send, ack)
 	case MsgResize:

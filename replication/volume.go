@@ -87,6 +87,15 @@ type Volume struct {
 	// making them durable, for benchmarks and metrics.
 	alTx, metaTx, persistNs atomic.Int64
 
+	// diverged is set once the core found this node's copy is not the
+	// volume's data (ErrDiverged): reads fail too rather than serve zeros.
+	diverged atomic.Pointer[error]
+	// readGate is closed once the core stops holding requests (every ISR
+	// member verified, or the core fenced); reads wait for it. gateOpen is
+	// loop-owned.
+	readGate chan struct{}
+	gateOpen bool
+
 	closeOnce sync.Once
 	// deleting is set (by the loop) once Delete has accepted: every later
 	// request fails with ErrClosed.
@@ -175,7 +184,9 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 		events: make(chan func(), 4096), stop: make(chan struct{}), loopDone: make(chan struct{}),
 		waiters: map[uint64]chan error{}, verifies: map[uint64]chan VerifyResult{},
 		peers: map[string]*peerLink{}, rate: map[string]*rateSample{},
+		readGate: make(chan struct{}),
 	}
+	v.openReadGate()
 	if cfg.ResyncRate > 0 {
 		v.bucket = newTokenBucket(cfg.ResyncRate)
 	}
@@ -236,7 +247,22 @@ func (v *Volume) loop() {
 			return
 		}
 		v.drain()
+		v.openReadGate()
 	}
+}
+
+// openReadGate lets reads through once the core no longer holds requests;
+// a diverged core is recorded first, so no read gets past the gate to the
+// empty replica.
+func (v *Volume) openReadGate() {
+	if v.gateOpen || v.core.Holding() {
+		return
+	}
+	if err := v.core.Fenced(); err != nil && errors.Is(err, ErrDiverged) {
+		v.diverged.CompareAndSwap(nil, &err)
+	}
+	v.gateOpen = true
+	close(v.readGate)
 }
 
 // drain carries out the core's Readies. A Ready that must persist something
@@ -362,6 +388,9 @@ func (v *Volume) handle(rd Ready, err error) {
 }
 
 func (v *Volume) unhealthy(err error) {
+	if errors.Is(err, ErrDiverged) {
+		v.diverged.Store(&err)
+	}
 	v.log.Error("replication: local disk failed; node unhealthy", "err", err)
 	if v.cfg.OnUnhealthy != nil {
 		v.cfg.OnUnhealthy(err)
@@ -589,9 +618,21 @@ func (v *Volume) checkRange(off, n int64) error {
 }
 
 // ReadAt reads from the local replica, which holds every acknowledged write.
-func (v *Volume) ReadAt(_ context.Context, p []byte, off int64) error {
+// While the replica is fresh, reads wait like writes until every ISR member
+// has shown it holds no data this node lacks (ErrDiverged otherwise).
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
+	}
+	select {
+	case <-v.readGate:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-v.stop:
+		return ErrClosed
+	}
+	if err := v.diverged.Load(); err != nil {
+		return *err
 	}
 	return v.store.ReadAt(p, off)
 }
