@@ -595,6 +595,15 @@ func (a *TargetAdapter) Serve(ctx context.Context, t Target, _ []Volume) error {
 	tc := targetConfig(t)
 	cur := a.serving[tc.Name]
 	if cur == nil {
+		// A target is exported only once every LUN can be attached: an
+		// initiator that logs in to a target without its LUNs gets
+		// LOGICAL UNIT NOT SUPPORTED for its I/O, which it reports as an
+		// error, where a refused login is simply retried.
+		for _, lun := range slices.Sorted(maps.Keys(t.LUNs)) {
+			if vol, _ := a.Replicas.Primary(t.LUNs[lun]); vol == nil {
+				return fmt.Errorf("cluster: serve %s: lun %d: volume %s is not open as primary here yet", tc.Name, lun, t.LUNs[lun])
+			}
+		}
 		if err := a.Server.AddTarget(tc); err != nil {
 			return fmt.Errorf("cluster: serve %s: %w", tc.Name, err)
 		}

@@ -401,3 +401,28 @@ func TestVIPAdapterAdoptsAfterRestart(t *testing.T) {
 type refusingVIPs struct{ fakeVIPManager }
 
 func (*refusingVIPs) Acquire(context.Context, vip.VIP) error { return vip.ErrForeignAddress }
+
+// TestTargetNotExportedWithoutItsLUNs: a target whose volume is not open as
+// primary here yet must not be exported at all. Exported without its LUN,
+// an initiator logs in and gets LOGICAL UNIT NOT SUPPORTED for its I/O (seen
+// in TestServeGracefulStopHandsOver under load), where a refused login is
+// simply retried.
+func TestTargetNotExportedWithoutItsLUNs(t *testing.T) {
+	l := NewLocal(nil)
+	ca, err := NewCA("test", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	n := newAdapterNode(t, "n1", ca, l, log)
+	ta := n.agent.Targets.(*TargetAdapter)
+	const iqn = "iqn.2026-11.io.hasan:not-yet"
+	err = ta.Serve(context.Background(), Target{IQN: iqn, LUNs: map[uint64]string{0: "6f1c2d3e-0000-4000-8000-000000000001"}}, nil)
+	if err == nil {
+		t.Fatal("Serve exported a target whose volume is not open as primary")
+	}
+	// Not exported: the server still accepts a target of that name.
+	if err := n.tsrv.AddTarget(target.TargetConfig{Name: iqn}); err != nil {
+		t.Fatalf("the target was exported without its LUN: %v", err)
+	}
+}
