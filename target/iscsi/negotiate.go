@@ -337,7 +337,11 @@ func (n *Negotiator) answer(k, v string, def keyDef) string {
 		case "FirstBurstLength":
 			ours = uint64(s.FirstBurstLength)
 		case "DefaultTime2Wait":
-			ours = 2
+			// Our sessions hold no state for a reconnect to wait for,
+			// so the initiator's own offer stands (the larger wins):
+			// one configured with 0 reconnects at once after a failover
+			// (docs/decisions/0010).
+			ours = 0
 		case "DefaultTime2Retain":
 			ours = 0 // ERL 0: nothing is kept after a connection dies
 		case "MaxOutstandingR2T":

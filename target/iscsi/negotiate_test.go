@@ -31,7 +31,7 @@ func TestNegotiateOperational(t *testing.T) {
 	want := map[string]string{
 		"HeaderDigest": "CRC32C", "DataDigest": "None", "MaxConnections": "1", "InitialR2T": "No",
 		"ImmediateData": "Yes", "MaxBurstLength": "8388608", "FirstBurstLength": "1048576",
-		"DefaultTime2Wait": "2", "DefaultTime2Retain": "0", "MaxOutstandingR2T": "16",
+		"DefaultTime2Wait": "0", "DefaultTime2Retain": "0", "MaxOutstandingR2T": "16",
 		"DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes", "ErrorRecoveryLevel": "0",
 		"IFMarker": "No", "OFMarker": "No", "OFMarkInt": "Irrelevant",
 		"X-com.example.thing": "NotUnderstood", "Bogus": "NotUnderstood", "iSCSIProtocolLevel": "1",
@@ -139,5 +139,24 @@ func TestNegotiateFullFeatureText(t *testing.T) {
 	}
 	if answers(resp)["MaxBurstLength"] != "Reject" || n.Params.MaxXmitDataSegmentLength != 65536 {
 		t.Fatalf("resp %v params %+v", resp, n.Params)
+	}
+}
+
+// TestNegotiateDefaultTime2WaitFollowsInitiator: the result function is
+// Maximum and our own value is 0, so the initiator's offer stands: stock
+// open-iscsi (2) keeps its 2 s, one configured with 0 reconnects at once.
+func TestNegotiateDefaultTime2WaitFollowsInitiator(t *testing.T) {
+	for _, offer := range []string{"0", "2", "5"} {
+		n := NewNegotiator(DefaultSettings())
+		resp, _, _, err := n.Step([]KV{
+			{"InitiatorName", "iqn.1994-05.com.redhat:x"}, {"SessionType", "Normal"}, {"TargetName", "iqn.2026-01.t:x"},
+			{"DefaultTime2Wait", offer},
+		}, StageOperational)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := answers(resp)["DefaultTime2Wait"]; got != offer {
+			t.Errorf("offered %s, answered %q", offer, got)
+		}
 	}
 }
