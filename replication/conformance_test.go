@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -69,6 +70,9 @@ func TestConformanceReplicatedLUN(t *testing.T) {
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	start := time.Now()
+	// A test binary that panics must not leave the suite spinning against
+	// a dead portal.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	runErr := cmd.Run()
 	took := time.Since(start)
 	if p := os.Getenv("HASAN_CONFORMANCE_OUT"); p != "" {

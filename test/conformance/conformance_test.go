@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -178,6 +179,9 @@ func runOnce(ctx context.Context, log *slog.Logger, target, bin string, spec run
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	log.Info("running iscsi-test-cu", "peer", target, "run", spec.name, "args", strings.Join(args, " "))
+	// A test binary that panics must not leave the suite spinning against
+	// a dead portal.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	runErr := cmd.Run()
 	_ = os.WriteFile(filepath.Join(outDir, "iscsi-test-cu.out"), stdout.Bytes(), 0o644)
 	_ = os.WriteFile(filepath.Join(outDir, "iscsi-test-cu.err"), stderr.Bytes(), 0o644)
