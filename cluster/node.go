@@ -310,7 +310,13 @@ func (n *Node) proposeEncoded(ctx context.Context, b []byte) (any, error) {
 			if n.mux == nil {
 				return n.cfg.Forward(ctx, addr, b)
 			}
-			return n.forward(ctx, string(addr), b)
+			res, err = n.forward(ctx, string(addr), b)
+			if !errors.Is(err, errForwardDial) {
+				return res, err
+			}
+			// Nothing was sent: the leader we knew is gone (a dead
+			// node does not even refuse the connection). Look again
+			// instead of spending the caller's whole deadline on it.
 		}
 		select {
 		case <-ctx.Done():
@@ -352,15 +358,28 @@ func (n *Node) ApplyForwarded(ctx context.Context, b []byte) (any, error) {
 	return n.applyLocal(ctx, b)
 }
 
+// forwardDialTimeout bounds reaching the leader (TCP and TLS handshake).
+// A leader on the cluster network answers in milliseconds; one that lost
+// power answers nothing, and a proposal (an ISR removal that writes are
+// waiting for) must not spend its whole deadline on it: proposeEncoded
+// looks for the new leader instead.
+const forwardDialTimeout = time.Second
+
+// errForwardDial marks a forward that failed before anything was sent, so
+// it is safe to retry.
+var errForwardDial = errors.New("cluster: leader unreachable")
+
 func (n *Node) forward(ctx context.Context, addr string, b []byte) (any, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 	}
-	c, err := n.mux.dialTagged(ctx, addr, tagForward)
+	dctx, dcancel := context.WithTimeout(ctx, forwardDialTimeout)
+	c, err := n.mux.dialTagged(dctx, addr, tagForward)
+	dcancel()
 	if err != nil {
-		return nil, fmt.Errorf("%w: dial %s: %w", ErrNotLeader, addr, err)
+		return nil, fmt.Errorf("%w: %w: dial %s: %w", ErrNotLeader, errForwardDial, addr, err)
 	}
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
