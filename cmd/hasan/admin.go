@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strconv"
@@ -30,24 +31,11 @@ func apiRun(fn func(cmd *cobra.Command, c *apiClient, args []string) error) func
 
 func newNodeCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "list nodes and set them online, standby or maintenance (REST API)"}
-	list := &cobra.Command{Use: "list", Short: "list the cluster's nodes", Args: cobra.NoArgs}
-	listJSON := outputFlags(list)
-	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
-		var ns []cluster.NodeInfo
-		if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/nodes", nil, &ns); err != nil {
-			return err
-		}
-		if *listJSON {
-			return printJSON(cmd.OutOrStdout(), ns)
-		}
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "NODE\tROLE\tSTATE\tRAFT\tAPI\tPORTAL\tFENCE")
-		for _, n := range ns {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.ID, n.Role, n.State, orDash(n.RaftAddr), orDash(n.APIAddr),
+	list := listCommand("list the cluster's nodes", "/api/v1/nodes", "NODE\tROLE\tSTATE\tRAFT\tAPI\tPORTAL\tFENCE",
+		func(w io.Writer, n cluster.NodeInfo) {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.ID, n.Role, n.State, orDash(n.RaftAddr), orDash(n.APIAddr),
 				orDash(n.PortalAddr), orDash(topologyText(n)))
-		}
-		return tw.Flush()
-	})
+		})
 
 	show := &cobra.Command{Use: "show NODE", Short: "show one node", Args: cobra.ExactArgs(1)}
 	showJSON := outputFlags(show)
@@ -211,24 +199,11 @@ func newVolumeCmd() *cobra.Command {
 	f.StringVar(&spec.UUID, "uuid", "", "volume UUID (default: generated); it becomes the disk's SCSI identity")
 	createJSON = outputFlags(create)
 
-	list := &cobra.Command{Use: "list", Short: "list volumes", Args: cobra.NoArgs}
-	listJSON := outputFlags(list)
-	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
-		var vs []cluster.Volume
-		if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/volumes", nil, &vs); err != nil {
-			return err
-		}
-		if *listJSON {
-			return printJSON(cmd.OutOrStdout(), vs)
-		}
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "NAME\tUUID\tSIZE\tPRIMARY\tEPOCH\tREPLICAS\tISR")
-		for _, v := range vs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, v.UUID, humanSize(v.Size), orDash(v.Primary), v.Epoch,
+	list := listCommand("list volumes", "/api/v1/volumes", "NAME\tUUID\tSIZE\tPRIMARY\tEPOCH\tREPLICAS\tISR",
+		func(w io.Writer, v cluster.Volume) {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, v.UUID, humanSize(v.Size), orDash(v.Primary), v.Epoch,
 				strings.Join(v.Replicas, ","), strings.Join(v.ISR, ","))
-		}
-		return tw.Flush()
-	})
+		})
 
 	show := &cobra.Command{Use: "show VOLUME", Short: "show a volume (by UUID or name)", Args: cobra.ExactArgs(1)}
 	showJSON := outputFlags(show)
@@ -378,24 +353,11 @@ func newGroupCmd() *cobra.Command {
 	create.Flags().StringSliceVar(&prefer, "prefer", nil, "preferred owners in order, comma-separated")
 	create.Flags().BoolVar(&failback, "failback", false, "move back to a more preferred node when it returns (default: stay)")
 
-	list := &cobra.Command{Use: "list", Short: "list groups and their owners", Args: cobra.NoArgs}
-	listJSON := outputFlags(list)
-	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
-		var gs []cluster.Group
-		if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/groups", nil, &gs); err != nil {
-			return err
-		}
-		if *listJSON {
-			return printJSON(cmd.OutOrStdout(), gs)
-		}
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "GROUP\tOWNER\tEPOCH\tMOVING TO\tVIPS\tTARGETS\tPREFERRED")
-		for _, g := range gs {
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", g.Name, orDash(g.Owner), g.Epoch, orDash(g.MovingTo),
+	list := listCommand("list groups and their owners", "/api/v1/groups", "GROUP\tOWNER\tEPOCH\tMOVING TO\tVIPS\tTARGETS\tPREFERRED",
+		func(w io.Writer, g cluster.Group) {
+			fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", g.Name, orDash(g.Owner), g.Epoch, orDash(g.MovingTo),
 				strings.Join(g.VIPs, ","), orDash(strings.Join(g.Targets, ",")), orDash(strings.Join(g.Preferred, ",")))
-		}
-		return tw.Flush()
-	})
+		})
 
 	show := &cobra.Command{Use: "show NAME", Short: "show one group", Args: cobra.ExactArgs(1)}
 	showJSON := outputFlags(show)

@@ -216,3 +216,26 @@ func splitList(vs []string) []string {
 	}
 	return out
 }
+
+// listCommand is a `list` subcommand: GET path into a []T, then print it as
+// JSON (--json) or as a table with header and one row per item.
+func listCommand[T any](short, path, header string, row func(w io.Writer, item T)) *cobra.Command {
+	list := &cobra.Command{Use: "list", Short: short, Args: cobra.NoArgs}
+	asJSON := outputFlags(list)
+	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
+		var items []T
+		if err := c.call(cmd.Context(), http.MethodGet, path, nil, &items); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(cmd.OutOrStdout(), items)
+		}
+		tw := newTable(cmd.OutOrStdout())
+		fmt.Fprintln(tw, header)
+		for _, it := range items {
+			row(tw, it)
+		}
+		return tw.Flush()
+	})
+	return list
+}

@@ -91,23 +91,10 @@ func newFenceDeviceCmd() *cobra.Command {
 	add.Flags().StringVar(&typ, "type", "", "device type: "+strings.Join(fenceTypes, ", ")+" (required unless the file has \"type\")")
 	add.Flags().StringVar(&config, "config", "", "JSON file with the device's settings and secrets ('-': stdin)")
 
-	list := &cobra.Command{Use: "list", Short: "list fence devices and the nodes using them", Args: cobra.NoArgs}
-	listJSON := outputFlags(list)
-	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
-		var ds []deviceOut
-		if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/fence-devices", nil, &ds); err != nil {
-			return err
-		}
-		if *listJSON {
-			return printJSON(cmd.OutOrStdout(), ds)
-		}
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "DEVICE\tTYPE\tADDRESS\tUSED BY")
-		for _, d := range ds {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.Name, d.Type, orDash(d.address()), orDash(strings.Join(d.UsedBy, ",")))
-		}
-		return tw.Flush()
-	})
+	list := listCommand("list fence devices and the nodes using them", "/api/v1/fence-devices", "DEVICE\tTYPE\tADDRESS\tUSED BY",
+		func(w io.Writer, d deviceOut) {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", d.Name, d.Type, orDash(d.address()), orDash(strings.Join(d.UsedBy, ",")))
+		})
 
 	show := &cobra.Command{Use: "show NAME", Short: "show a fence device (secrets as [redacted])", Args: cobra.ExactArgs(1)}
 	showJSON := outputFlags(show)

@@ -61,27 +61,14 @@ func addTargetAdminCmds(cmd *cobra.Command) {
 	}
 	create.Flags().StringVar(&alias, "alias", "", "target alias shown to initiators")
 
-	list := &cobra.Command{Use: "list", Short: "list cluster targets", Args: cobra.NoArgs}
-	listJSON := outputFlags(list)
-	list.RunE = apiRun(func(cmd *cobra.Command, c *apiClient, _ []string) error {
-		var ts []targetOut
-		if err := c.call(cmd.Context(), http.MethodGet, "/api/v1/targets", nil, &ts); err != nil {
-			return err
-		}
-		if *listJSON {
-			return printJSON(cmd.OutOrStdout(), ts)
-		}
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "IQN\tLUNS\tACL\tCHAP\tMUTUAL CHAP")
-		for _, t := range ts {
+	list := listCommand("list cluster targets", "/api/v1/targets", "IQN\tLUNS\tACL\tCHAP\tMUTUAL CHAP",
+		func(w io.Writer, t targetOut) {
 			acl := "any"
 			if len(t.ACL) > 0 {
 				acl = strconv.Itoa(len(t.ACL)) + " initiators"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.IQN, orDash(lunText(t.LUNs)), acl, t.CHAP, t.MutualCHAP)
-		}
-		return tw.Flush()
-	})
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", t.IQN, orDash(lunText(t.LUNs)), acl, t.CHAP, t.MutualCHAP)
+		})
 
 	show := &cobra.Command{Use: "show IQN", Short: "show a cluster target", Args: cobra.ExactArgs(1)}
 	showJSON := outputFlags(show)
