@@ -15,7 +15,7 @@ import (
 // Controller defaults. Detection is sub-second so that detect + fence +
 // commit + VIP fits the 2 s budget with IPMI's usual fence times.
 const (
-	DefaultFailureTimeout = 800 * time.Millisecond
+	DefaultFailureTimeout = 700 * time.Millisecond
 	DefaultTickInterval   = 50 * time.Millisecond
 	DefaultFenceRetryMin  = 500 * time.Millisecond
 	DefaultFenceRetryMax  = 30 * time.Second
@@ -40,6 +40,9 @@ type ControllerConfig struct {
 	// MoveTimeout bounds a planned move: an owner that has not released
 	// the group by then keeps it, and the move is cancelled with an alert.
 	MoveTimeout time.Duration
+	// NoLeaderPlacement keeps Raft leadership where elections put it
+	// (see leader.go for what placement does).
+	NoLeaderPlacement bool
 }
 
 func (c *ControllerConfig) setDefaults() {
@@ -109,6 +112,8 @@ type Action struct {
 	// through ProposeDone with the same Group.
 	Propose *Command
 	Group   string
+	// TransferLeader, when set, hands Raft leadership to that voter.
+	TransferLeader string
 }
 
 type fenceStatus int
@@ -146,6 +151,10 @@ type ControllerCore struct {
 	start  time.Time
 	nodes  map[string]*nodeTrack
 	groups map[string]*groupTrack
+	// voters is the Raft voter set (SetVoters); nil: unknown, and
+	// leadership stays put.
+	voters       map[string]bool
+	lastTransfer time.Time
 }
 
 // NewControllerCore starts tracking at now. Every node gets a full
@@ -230,6 +239,22 @@ func (c *ControllerCore) ProposeDone(group string, cmd *Command, err error) {
 
 // Phase returns the group's phase (for status and tests).
 func (c *ControllerCore) Phase(group string) GroupPhase { return c.group(group).phase }
+
+// NextDeadline returns when the next storage node that is alive now will
+// be declared failed if it stays silent (just past its failure timeout);
+// with none, a timeout and a tick from now. The shell wakes then.
+func (c *ControllerCore) NextDeadline(st *State, now time.Time) time.Time {
+	next := now.Add(c.cfg.FailureTimeout + c.cfg.TickInterval)
+	for id, n := range st.Nodes {
+		if id == c.cfg.Self || n.Role != RoleStorage || !c.alive(id, now) {
+			continue
+		}
+		if d := c.node(id).lastSeen.Add(c.cfg.FailureTimeout + time.Millisecond); d.Before(next) {
+			next = d
+		}
+	}
+	return next
+}
 
 func (c *ControllerCore) alive(id string, now time.Time) bool {
 	if id == c.cfg.Self {
@@ -404,6 +429,11 @@ func (c *ControllerCore) Step(st *State, now time.Time) []Action {
 		}
 		fencing[g.Owner] = true
 	}
+	if len(acts) == 0 {
+		if to := c.leaderTarget(st, now); to != "" {
+			acts = append(acts, Action{TransferLeader: to})
+		}
+	}
 	return acts
 }
 
@@ -440,6 +470,11 @@ type Controller struct {
 	// over a lost heartbeat stream is the worst outcome: the survivor then
 	// has no quorum to commit the takeover, and I/O stops.
 	LastSeen func(node string) time.Time
+	// Voters, if set, lists the Raft voters, and TransferLeader hands
+	// leadership to one of them (leader placement; both set by
+	// RunController).
+	Voters         func() []string
+	TransferLeader func(ctx context.Context, id string) error
 
 	mu     sync.Mutex
 	core   *ControllerCore
@@ -506,6 +541,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}
+	tickAt := c.Clock.Now().Add(c.Config.TickInterval)
 	tick := c.Clock.After(c.Config.TickInterval)
 	for {
 		changed := c.FSM.Changed()
@@ -523,15 +559,42 @@ func (c *Controller) Run(ctx context.Context) error {
 			c.mu.Unlock()
 		case <-changed:
 		case <-tick:
-			tick = c.Clock.After(c.Config.TickInterval)
+			tick = nil
 		}
 		now := c.Clock.Now()
 		st := c.FSM.State()
 		c.mu.Lock()
+		if c.Voters != nil && c.TransferLeader != nil {
+			c.core.SetVoters(c.Voters())
+		}
 		acts := c.core.Step(st, now)
+		next := c.core.NextDeadline(st, now)
 		c.mu.Unlock()
+		if tick == nil || next.Before(tickAt) {
+			// Wake on the tick or exactly when a node's failure timeout
+			// runs out, whichever is first: waiting for the next tick
+			// would add up to a tick to every detection.
+			tickAt = now.Add(c.Config.TickInterval)
+			if next.Before(tickAt) {
+				tickAt = next
+			}
+			tick = c.Clock.After(tickAt.Sub(now))
+		}
 		for _, a := range acts {
 			switch {
+			case a.TransferLeader != "":
+				to := a.TransferLeader
+				log.Info("cluster: handing Raft leadership to a node whose loss costs less", "to", to,
+					"rank_self", leaderRank(st, c.Config.Self), "rank_to", leaderRank(st, to))
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+					defer cancel()
+					if err := c.TransferLeader(tctx, to); err != nil {
+						log.Warn("cluster: leadership transfer failed; keeping leadership", "to", to, "err", err)
+					}
+				}()
 			case a.Fence != "":
 				node, detectedAt := a.Fence, a.DetectedAt
 				f, err := c.Fencer(st)
@@ -657,6 +720,9 @@ func (n *Node) RunController(ctx context.Context, mk func() *Controller) error {
 		}
 		if c.LastSeen == nil {
 			c.LastSeen = n.lastSeenOf
+		}
+		if c.Voters == nil && c.TransferLeader == nil {
+			c.Voters, c.TransferLeader = n.voterIDs, n.TransferLeadershipTo
 		}
 		cctx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)

@@ -69,7 +69,7 @@ func TestOwnerPowerLoss(t *testing.T) {
 	bin := lab.BuildHasan(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	const failure = 800 * time.Millisecond
+	const failure = cluster.DefaultFailureTimeout
 	confs := map[string]nodeConf{
 		"n1": writeConfig(t, root, l.Node("n1"), "storage", failure),
 		"n2": writeConfig(t, root, l.Node("n2"), "storage", failure),

@@ -218,35 +218,14 @@ func scenarioStandby(t *testing.T, ctx context.Context, c *testCluster) {
 	c.Do(t, ctx, &cluster.Command{Kind: cluster.KindNodeSetState, NodeSetState: &cluster.NodeSetStateCmd{ID: owner, State: cluster.NodeOnline}})
 }
 
-// ensureNotLeader restarts id's hasan serve until another node leads (at
-// most three times): the scenario needs id to be a follower.
-func ensureNotLeader(t *testing.T, ctx context.Context, c *testCluster, id string) {
-	t.Helper()
-	for range 3 {
-		if c.Leader(ctx) != id {
-			return
-		}
-		t.Logf("%s leads; restarting it so that another node does", id)
-		if err := c.Process(id).Stop(5 * time.Second); err != nil {
-			t.Logf("stop %s: %v", id, err)
-		}
-		waitFor(t, ctx, 15*time.Second, "a new leader", func() (bool, error) {
-			l := c.Leader(ctx)
-			return l != "" && l != id, nil
-		})
-		c.Serve(t, ctx, id)
-		c.WaitHealthy(t, ctx)
-	}
-	if c.Leader(ctx) == id {
-		t.Fatalf("%s keeps leading", id)
-	}
-}
-
-// scenarioWitnessLoss: the witness (a follower) loses power. Nothing
-// changes: same owner and epoch, no fence, no takeover, and I/O goes on
-// with no pause beyond its normal rhythm.
+// scenarioWitnessLoss: the witness loses power. Nothing changes: same
+// owner and epoch, no fence, no takeover. Leader placement normally makes
+// the witness the Raft leader, and then its loss pauses I/O for a lease
+// and an election (the owner stops serving once it has no leader to prove
+// quorum contact through), so the pause is held to the unplanned bound;
+// a witness that was a follower must not pause I/O beyond the steady
+// rhythm.
 func scenarioWitnessLoss(t *testing.T, ctx context.Context, c *testCluster) {
-	ensureNotLeader(t, ctx, c, "w1")
 	st0, err := c.State(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -255,6 +234,7 @@ func scenarioWitnessLoss(t *testing.T, ctx context.Context, c *testCluster) {
 	offs := bmcOffs(c)
 	w := c.WatchWriters(ctx)
 	p := c.StartProbe(t, ctx)
+	led := c.Leader(ctx) == "w1"
 	offAt := time.Now()
 	if err := c.L.PowerOff("w1"); err != nil {
 		t.Fatal(err)
@@ -277,16 +257,21 @@ func scenarioWitnessLoss(t *testing.T, ctx context.Context, c *testCluster) {
 	if v := st.Volumes[volUUID]; len(v.ISR) != len(v.Replicas) {
 		t.Errorf("witness loss shrank the ISR: %v", v.ISR)
 	}
-	t.Logf("witness loss: owner %s epoch %d unchanged, I/O pause %v (%s observed %v later)", g0.Owner, g0.Epoch,
+	t.Logf("witness loss (witness leading: %v): owner %s epoch %d unchanged, I/O pause %v (%s observed %v later)", led, g0.Owner, g0.Epoch,
 		gap.Round(time.Millisecond), st.Nodes["w1"].State, time.Since(offAt).Round(time.Millisecond))
-	if lim := steadyGap(t); gap > lim {
-		t.Errorf("witness loss paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_STEADY_GAP overrides)", gap, lim)
+	if lim := steadyGap(t); !led && gap > lim {
+		t.Errorf("loss of a follower witness paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_STEADY_GAP overrides)", gap, lim)
+	}
+	if lim := maxGap(t); led && gap > lim {
+		t.Errorf("loss of the leading witness paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_GAP overrides)", gap, lim)
 	}
 }
 
 // scenarioLeaderNotOwner: the Raft leader, which does not own the group,
 // loses power. A new leader is elected; the owner keeps its group (no
-// fence, no takeover) and I/O continues.
+// fence, no takeover) and I/O continues. Leader placement normally makes
+// that leader the witness; a storage leader is also a replica, and its
+// loss stalls writes until the primary drops it from the ISR.
 func scenarioLeaderNotOwner(t *testing.T, ctx context.Context, c *testCluster) {
 	var leader string
 	for attempt := 1; ; attempt++ {
@@ -305,16 +290,6 @@ func scenarioLeaderNotOwner(t *testing.T, ctx context.Context, c *testCluster) {
 		c.WaitHealthy(t, ctx)
 	}
 	leaderLoss(t, ctx, c, leader)
-	// A storage leader is also a replica, and its loss stalls writes until
-	// the primary drops it from the ISR. The pure case, a witness that
-	// leads, cannot be arranged (no leadership transfer in the API); it is
-	// measured whenever the election above made w1 the leader.
-	c.RestoreAll(t, ctx)
-	if l := c.Leader(ctx); l == "w1" {
-		leaderLoss(t, ctx, c, "w1")
-	} else {
-		t.Logf("%s leads after the restore: the loss of a witness leader is not measured in this run", l)
-	}
 }
 
 // leaderLoss powers off leader, which does not own g0, and checks that a

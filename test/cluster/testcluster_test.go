@@ -49,7 +49,7 @@ type testCluster struct {
 
 // clusterFailureTimeout is the controller's failure detection in the
 // namespace tests, the documented default.
-const clusterFailureTimeout = 800 * time.Millisecond
+const clusterFailureTimeout = cluster.DefaultFailureTimeout
 
 // startCluster builds the lab and the cluster and returns once g0 is owned,
 // every replica is in the ISR and the portal answers on the VIP. Everything

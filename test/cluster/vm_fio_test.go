@@ -155,7 +155,7 @@ func startVMCluster(t *testing.T, ctx context.Context, root string) *vmCluster {
 	}
 	// The controller's documented default; HASAN_VM_FAILURE_TIMEOUT is a
 	// diagnostic (logged) to see how the stall follows detection.
-	failure := 800 * time.Millisecond
+	failure := cluster.DefaultFailureTimeout
 	if s := os.Getenv("HASAN_VM_FAILURE_TIMEOUT"); s != "" {
 		d, err := time.ParseDuration(s)
 		if err != nil {
