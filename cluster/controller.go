@@ -132,6 +132,9 @@ type nodeTrack struct {
 	failures   int
 	retryAt    time.Time
 	alerted    bool // no-candidate alert sent
+	// confirmUsed is the operator confirmation that last cut a fence
+	// retry's backoff short.
+	confirmUsed time.Time
 }
 
 type groupTrack struct {
@@ -417,7 +420,17 @@ func (c *ControllerCore) Step(st *State, now time.Time) []Action {
 			gt.phase = PhaseFencing
 		case fenceFailed:
 			gt.phase = PhaseFencing
-			if !now.Before(ot.retryAt) {
+			// An operator's confirmation made since the failure retries
+			// at once: after a few failed attempts the backoff reaches
+			// 30 s, and the operator who just checked the node is off
+			// must not wait that long for the takeover. Each
+			// confirmation triggers one early retry only.
+			conf := st.FenceConfirms[g.Owner].At
+			early := conf.After(ot.detectedAt) && conf.After(ot.confirmUsed)
+			if early || !now.Before(ot.retryAt) {
+				if early {
+					ot.confirmUsed = conf
+				}
 				ot.fence = fenceRunning
 				acts = append(acts, Action{Fence: g.Owner, DetectedAt: ot.detectedAt})
 			}

@@ -31,11 +31,17 @@ var ErrNotLeader = errors.New("cluster: no leader")
 var ErrForbidden = errors.New("cluster: proposer is not a cluster member")
 
 // Defaults of NodeConfig. The raft timeouts are well under a second so a
-// lost leader is replaced within the 2 s failover budget.
+// lost leader is replaced within the 2 s failover budget. The leader lease
+// is as long as raft allows (the heartbeat timeout): at 250 ms a leader on
+// a loaded machine stepped down now and then although nothing failed, and
+// with the witness leading (leader placement) every such flap pauses I/O
+// for an election. Nothing relies on a short leader lease: the controller
+// confirms leadership with a quorum round before it fences, and an owner's
+// own serving lease is separate (lease.go).
 const (
 	DefaultHeartbeatTimeout   = 500 * time.Millisecond
 	DefaultElectionTimeout    = 500 * time.Millisecond
-	DefaultLeaderLeaseTimeout = 250 * time.Millisecond
+	DefaultLeaderLeaseTimeout = 500 * time.Millisecond
 	DefaultHeartbeatInterval  = 100 * time.Millisecond
 )
 
