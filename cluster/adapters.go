@@ -232,6 +232,11 @@ type openReplica struct {
 	primary bool
 	vol     *replication.Volume // primary only
 	epoch   uint64
+	// Primary only: the replica set the session was opened with, and the
+	// backend the target's LUN uses, which stays the same when a changed
+	// replica set reopens the session.
+	replicas []string
+	gate     *gatedBackend
 }
 
 var _ LocalReplicas = (*ReplicaAdapter)(nil)
@@ -257,6 +262,7 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 		if err := cur.vol.Close(); err != nil {
 			logOr(a.Logger).Warn("cluster: close primary", "volume", v.UUID, "err", err)
 		}
+		cur.gate.close()
 		delete(a.open, v.UUID)
 	case cur != nil: // promoted: take the replica back from the server
 		local, err = a.Server.RemoveVolume(v.UUID)
@@ -277,6 +283,22 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 		}
 		a.open[v.UUID] = &openReplica{epoch: v.Epoch}
 		return nil
+	}
+	vol, err := a.openPrimary(ctx, v, local)
+	if err != nil {
+		return err
+	}
+	a.open[v.UUID] = &openReplica{primary: true, vol: vol, epoch: v.Epoch,
+		replicas: slices.Clone(v.Replicas), gate: &gatedBackend{vol: vol}}
+	return nil
+}
+
+// openPrimary opens the replication session of v's primary over local
+// (closed on failure), with v's replica set, and waits for its ISR peers.
+func (a *ReplicaAdapter) openPrimary(ctx context.Context, v Volume, local *replication.Local) (*replication.Volume, error) {
+	if err := forgetFormerPeers(local, v.Replicas); err != nil {
+		local.Close()
+		return nil, fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
 	}
 	cfg := a.Volume
 	cfg.Self, cfg.Local, cfg.TLS = a.Self, local, a.TLS
@@ -322,13 +344,12 @@ func (a *ReplicaAdapter) Open(ctx context.Context, v Volume, primary bool) error
 	vol, err := replication.OpenVolume(ctx, cfg)
 	if err != nil {
 		local.Close()
-		return fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
+		return nil, fmt.Errorf("cluster: open primary %s: %w", v.UUID, err)
 	}
-	a.open[v.UUID] = &openReplica{primary: true, vol: vol, epoch: v.Epoch}
 	up, waited := a.waitPeers(ctx, vol)
 	logOr(a.Logger).Info("cluster: opened primary", "volume", v.UUID, "epoch", v.Epoch, "peers", len(cfg.Peers),
 		"isr_up", up, "waited", waited)
-	return nil
+	return vol, nil
 }
 
 // openLocal opens v's replica files. Files it creates start at v's
@@ -469,7 +490,9 @@ func (a *ReplicaAdapter) Close(ctx context.Context, uuid string) error {
 	}
 	delete(a.open, uuid)
 	if cur.primary {
-		if err := cur.vol.Close(); err != nil {
+		err := cur.vol.Close()
+		cur.gate.close()
+		if err != nil {
 			return fmt.Errorf("cluster: close primary %s: %w", uuid, err)
 		}
 		return nil
@@ -493,6 +516,19 @@ func (a *ReplicaAdapter) Opened() map[string]bool {
 		out[k] = o.primary
 	}
 	return out
+}
+
+// Backend returns the I/O path of the open primary of a volume and the
+// epoch it was opened at, or nil. Unlike the Volume that Primary returns,
+// it stays the same across SetReplicas, so a LUN built on it keeps
+// serving while the replication session under it is reopened.
+func (a *ReplicaAdapter) Backend(uuid string) (scsi.Backend, uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if o := a.open[uuid]; o != nil && o.primary {
+		return o.gate, o.epoch
+	}
+	return nil, 0
 }
 
 // Primary returns the open primary of a volume and the epoch it was
@@ -544,8 +580,22 @@ type servedTarget struct {
 
 type servedLUN struct {
 	uuid  string
-	vol   *replication.Volume
+	be    scsi.Backend
 	epoch uint64
+}
+
+// backend is the I/O path of uuid's open primary: the ReplicaAdapter's
+// Backend, which survives a replica set change, when Replicas has it.
+func (a *TargetAdapter) backend(uuid string) (scsi.Backend, uint64) {
+	if b, ok := a.Replicas.(interface {
+		Backend(uuid string) (scsi.Backend, uint64)
+	}); ok {
+		return b.Backend(uuid)
+	}
+	if vol, epoch := a.Replicas.Primary(uuid); vol != nil {
+		return vol, epoch
+	}
+	return nil, 0
 }
 
 var _ LocalTargets = (*TargetAdapter)(nil)
@@ -619,8 +669,8 @@ func (a *TargetAdapter) Serve(ctx context.Context, t Target, _ []Volume) error {
 	var errs []error
 	for _, lun := range slices.Sorted(maps.Keys(cur.luns)) {
 		have := cur.luns[lun]
-		vol, epoch := a.Replicas.Primary(have.uuid)
-		if t.LUNs[lun] == have.uuid && vol == have.vol && epoch == have.epoch {
+		be, epoch := a.backend(have.uuid)
+		if t.LUNs[lun] == have.uuid && be == have.be && epoch == have.epoch {
 			continue
 		}
 		if err := a.Server.RemoveLUN(ctx, tc.Name, lun); err != nil && !errors.Is(err, target.ErrLUNNotFound) {
@@ -642,8 +692,8 @@ func (a *TargetAdapter) Serve(ctx context.Context, t Target, _ []Volume) error {
 }
 
 func (a *TargetAdapter) addLUN(name string, lun uint64, uuid string, cur *servedTarget) error {
-	vol, epoch := a.Replicas.Primary(uuid)
-	if vol == nil {
+	be, epoch := a.backend(uuid)
+	if be == nil {
 		return fmt.Errorf("cluster: %s lun %d: volume %s is not open as primary here", name, lun, uuid)
 	}
 	var v *Volume
@@ -660,7 +710,7 @@ func (a *TargetAdapter) addLUN(name string, lun uint64, uuid string, cur *served
 		return err
 	}
 	lu, err := scsi.New(scsi.Config{
-		VolumeID: id, BlockSize: v.BlockSize, Thin: v.Thin, Backend: vol,
+		VolumeID: id, BlockSize: v.BlockSize, Thin: v.Thin, Backend: be,
 		PR:         &PRStore{P: a.P, FSM: a.FSM, Volume: uuid},
 		PortGroups: a.PortGroups,
 		Logger:     logOr(a.Logger).With("volume", uuid),
@@ -671,7 +721,7 @@ func (a *TargetAdapter) addLUN(name string, lun uint64, uuid string, cur *served
 	if err := a.Server.AddLUN(name, lun, lu); err != nil {
 		return fmt.Errorf("cluster: %s lun %d: %w", name, lun, err)
 	}
-	cur.luns[lun] = servedLUN{uuid: uuid, vol: vol, epoch: epoch}
+	cur.luns[lun] = servedLUN{uuid: uuid, be: be, epoch: epoch}
 	return nil
 }
 

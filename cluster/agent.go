@@ -214,6 +214,15 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 			note(a.Replicas.Open(ctx, d.primary[uuid], true))
 		}
 	}
+	// A primary already open learns a changed replica set (a replaced,
+	// added or removed replica) here; opened just now, it has it.
+	if rs, ok := a.Replicas.(ReplicaSets); ok {
+		for _, uuid := range sortedKeys(d.primary) {
+			if opened[uuid] {
+				note(rs.SetReplicas(ctx, d.primary[uuid]))
+			}
+		}
+	}
 	served := map[string]bool{}
 	for _, iqn := range sortedKeys(d.targets) {
 		t := d.targets[iqn]

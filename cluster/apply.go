@@ -193,6 +193,11 @@ func (s *State) Apply(c *Command) (any, error) {
 			break
 		}
 		return nil, s.fenceConfirm(c, c.FenceConfirm)
+	case KindVolumeReplicas:
+		if c.VolumeReplicas == nil {
+			break
+		}
+		return s.volumeReplicas(c, c.VolumeReplicas)
 	default:
 		return nil, invalidf("unknown kind %s", c.Kind)
 	}

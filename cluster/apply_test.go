@@ -424,6 +424,13 @@ func TestApplyTable(t *testing.T) {
 		}},
 		{name: "fence confirm anonymous", cmd: cFenceConfirm("a", ""), want: ErrInvalid},
 		{name: "fence confirm unknown node", cmd: cFenceConfirm("zz", "alice"), want: ErrNotFound},
+		// replica set (the rules: replace_test.go)
+		{name: "volume replicas", cmd: cReplicas(u2, "c", ""), check: func(t *testing.T, s *State) {
+			if v := s.Volumes[u2]; !slices.Equal(v.Replicas, []string{"a", "b"}) || !slices.Equal(v.ISR, []string{"a", "b"}) {
+				t.Fatalf("%+v", v)
+			}
+		}},
+		{name: "volume replicas primary", cmd: cReplicas(u2, "a", ""), want: ErrInUse},
 		// malformed
 		{name: "unknown kind", cmd: &Command{Kind: kindEnd}, want: ErrInvalid},
 		{name: "missing payload", cmd: &Command{Kind: KindTakeover}, want: ErrInvalid},

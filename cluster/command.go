@@ -48,6 +48,7 @@ const (
 	KindGroupConns
 	KindGroupMoveCancel
 	KindFenceConfirm
+	KindVolumeReplicas
 	kindEnd
 )
 
@@ -57,7 +58,7 @@ var kindNames = [...]string{
 	"target-put", "target-delete", "group-put", "group-delete", "group-grant",
 	"group-move", "group-release", "takeover", "pr-save", "fence-device-put",
 	"fence-device-delete", "fence-record", "event", "maintenance", "token-issue", "join",
-	"group-conns", "group-move-cancel", "fence-confirm",
+	"group-conns", "group-move-cancel", "fence-confirm", "volume-replicas",
 }
 
 func (k Kind) String() string {
@@ -105,6 +106,7 @@ type Command struct {
 	GroupConns        *GroupConnsCmd
 	GroupMoveCancel   *GroupMoveCancelCmd
 	FenceConfirm      *FenceConfirmCmd
+	VolumeReplicas    *VolumeReplicasCmd
 }
 
 // stamp fills in what the proposer chooses so that every node applies the
@@ -293,6 +295,18 @@ type GroupMoveCancelCmd struct {
 // is when.
 type FenceConfirmCmd struct {
 	Node, Operator string
+}
+
+// VolumeReplicasCmd changes one volume's replica set: Remove (if set)
+// leaves Replicas and the ISR, Add (if set) joins Replicas but not the ISR.
+// Both together replace a node, one alone shrinks or grows the set. The
+// primary and the epoch stay: the primary's agent reopens its replication
+// session with the new set, which gives Add a full sync, and Add joins the
+// ISR only through the primary's catch-up (isr-add), like any replica that
+// fell behind. See replace.go for the rules.
+type VolumeReplicasCmd struct {
+	UUID        string
+	Remove, Add string
 }
 
 // encodingVersion is the first byte of every encoded command and snapshot.

@@ -27,15 +27,28 @@ import (
 // member first sends the CA certificate; the new node checks it against
 // the hash in its token and checks that the TLS session's server
 // certificate chains to that CA, and only then sends the token secret and
-// its CSR. The member holding the CA key consumes the token through the
-// JoinCmd path, adds the node to raft and returns the signed certificate.
+// its CSR. A member holding the CA key consumes the token through the
+// JoinCmd path, adds the node to raft and returns the signed certificate,
+// and, when the node was admitted as storage, the CA key too: every
+// storage node can then admit the next join, so losing the node that ran
+// `cluster init` does not freeze membership (decision 0013). Members
+// without the key stop at the hello; they forward nothing.
 
 // ErrCAMismatch: the cluster that answered is not the one the token names.
 var ErrCAMismatch = errors.New("cluster: join: the member's CA does not match the token's CA hash")
 
 // ErrNoCAKey: the member that answered a network join does not hold the
 // CA key, so it cannot sign the new node's certificate.
-var ErrNoCAKey = errors.New("cluster: join: this member does not hold the CA key (use a token naming the node that ran `cluster init`)")
+var ErrNoCAKey = errors.New("cluster: join: this member does not hold the CA key " +
+	"(print the token with `hasan cluster token` on a storage node that holds data_dir/tls/ca.key, or pass --join " +
+	"with such a member's cluster address; a cluster created before storage nodes received the key copies it with " +
+	"`hasan cluster ca export` and `hasan cluster ca import`)")
+
+// ErrMemberUnreachable: the member a join dials did not answer. The token
+// is consumed only when a member admits the node, so it stays good.
+var ErrMemberUnreachable = errors.New("cluster: join: the member named in the token did not answer " +
+	"(the token stays valid until it expires: retry with --join <cluster address of another storage member>, " +
+	"or print a new token with `hasan cluster token` on a live storage node)")
 
 // JoinTicket is what `hasan cluster token` prints:
 // "hsn1.<id>.<secret>.<sha256 of the CA certificate>[@<member address>]".
@@ -158,7 +171,10 @@ type bootstrapRequest struct {
 
 type bootstrapResponse struct {
 	Cert, CACert []byte
-	Code, Msg    string
+	// CAKey goes only to a node admitted as storage (decision 0013), so
+	// that any storage node can admit the next join.
+	CAKey     []byte
+	Code, Msg string
 }
 
 // admitRequest travels from the CA holder to the leader (tagAdmit, a
@@ -169,76 +185,122 @@ type admitRequest struct {
 }
 
 // JoinResult is what a network join hands the new node for its tls/.
+// CAKey is set for a storage node only, and only once checked against
+// CACert: the node then admits joins itself (decision 0013).
 type JoinResult struct {
 	CACert, Cert, Key []byte
+	CAKey             []byte
 }
 
 // JoinNetwork runs the new node's side of a network join: addr is the
 // member to dial (the ticket's address when empty).
 func JoinNetwork(ctx context.Context, t JoinTicket, addr string, nd NodeInfo) (*JoinResult, error) {
-	return joinNetwork(ctx, t, addr, nd, nd.ID)
+	res, _, err := joinNetwork(ctx, t, addr, nd, nd.ID)
+	return res, err
 }
 
-// joinNetwork lets tests send a CSR for another name than the node id.
-func joinNetwork(ctx context.Context, t JoinTicket, addr string, nd NodeInfo, csrID string) (*JoinResult, error) {
+// joinNetwork lets tests send a CSR for another name than the node id,
+// and see the member's reply as sent (before the CA key is filtered).
+func joinNetwork(ctx context.Context, t JoinTicket, addr string, nd NodeInfo, csrID string) (*JoinResult, *bootstrapResponse, error) {
 	if t.CAHash == "" {
-		return nil, fmt.Errorf("%w: the token carries no CA hash (print it with `hasan cluster token`)", ErrToken)
+		return nil, nil, fmt.Errorf("%w: the token carries no CA hash (print it with `hasan cluster token`)", ErrToken)
 	}
 	if addr == "" {
 		addr = t.Addr
 	}
 	if addr == "" {
-		return nil, errors.New("cluster: join: no member address (token has none; pass --join)")
+		return nil, nil, errors.New("cluster: join: no member address (token has none; pass --join)")
 	}
 	csr, key, err := NewNodeCSR(csrID)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 	}
+	c, dec, caPEM, err := dialBootstrap(ctx, addr, t.CAHash)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer c.Close()
+	if err := gob.NewEncoder(c).Encode(bootstrapRequest{Secret: t.Secret, CSR: csr, Node: nd}); err != nil {
+		return nil, nil, fmt.Errorf("cluster: join: %w", err)
+	}
+	var resp bootstrapResponse
+	if err := dec.Decode(&resp); err != nil {
+		// The member may have committed the admission before it failed.
+		return nil, &resp, fmt.Errorf("cluster: join: no reply from %s (it may have admitted the node before it "+
+			"failed: if `hasan cluster status` lists it, remove it with `hasan node remove` and join with a new "+
+			"token; if not, retry with --join another storage member): %w", addr, err)
+	}
+	if err := errorFromWire(resp.Code, resp.Msg); err != nil {
+		return nil, &resp, fmt.Errorf("cluster: join refused: %w", err)
+	}
+	if _, err := tls.X509KeyPair(resp.Cert, key); err != nil {
+		return nil, &resp, fmt.Errorf("cluster: join: returned certificate: %w", err)
+	}
+	res := &JoinResult{CACert: caPEM, Cert: resp.Cert, Key: key}
+	// The key is kept only where it belongs (a storage node) and only if
+	// it is the pinned CA's: anything else is dropped, and the node
+	// still has its certificate.
+	if len(resp.CAKey) > 0 && nd.Role == RoleStorage {
+		if _, err := LoadCA(caPEM, resp.CAKey); err == nil {
+			res.CAKey = resp.CAKey
+		}
+	}
+	return res, &resp, nil
+}
+
+// HoldsCAKey asks the member at addr, over the bootstrap stream and
+// without a certificate, whether it could admit a network join: nil when
+// it answered with the CA whose hash is caHash (only key holders send the
+// CA in the hello), ErrNoCAKey, ErrCAMismatch or ErrMemberUnreachable
+// otherwise. Nothing secret is sent; the member sees a join that stopped
+// after the hello.
+func HoldsCAKey(ctx context.Context, addr, caHash string) error {
+	c, _, _, err := dialBootstrap(ctx, addr, caHash)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+// dialBootstrap opens the bootstrap stream to addr and checks the hello
+// against caHash. It returns the connection (the caller closes it), the
+// decoder that read the hello (it may hold buffered bytes) and the CA.
+func dialBootstrap(ctx context.Context, addr, caHash string) (*tls.Conn, *gob.Decoder, []byte, error) {
 	// The server is verified by hand below, against the CA whose hash the
 	// token carries: there is no trusted root before the hello.
 	d := &tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}} //nolint:gosec // verified against the token's CA hash
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("cluster: join: dial %s: %w", addr, err)
+		return nil, nil, nil, fmt.Errorf("%w: %s: %w", ErrMemberUnreachable, addr, err)
 	}
 	c := raw.(*tls.Conn)
-	defer c.Close()
+	fail := func(err error) (*tls.Conn, *gob.Decoder, []byte, error) {
+		c.Close()
+		return nil, nil, nil, err
+	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
 	}
 	if _, err := c.Write([]byte{tagBootstrap}); err != nil {
-		return nil, fmt.Errorf("cluster: join: %w", err)
+		return fail(fmt.Errorf("%w: %s: %w", ErrMemberUnreachable, addr, err))
 	}
 	dec := gob.NewDecoder(io.LimitReader(c, maxBootstrapMsg))
 	var hello bootstrapHello
 	if err := dec.Decode(&hello); err != nil {
-		return nil, fmt.Errorf("cluster: join: hello: %w", err)
+		return fail(fmt.Errorf("%w: %s: hello: %w", ErrMemberUnreachable, addr, err))
 	}
 	if len(hello.CACert) == 0 {
-		return nil, ErrNoCAKey
+		return fail(fmt.Errorf("%w (member %s)", ErrNoCAKey, addr))
 	}
-	if err := verifyBootstrapServer(c.ConnectionState(), hello.CACert, t.CAHash); err != nil {
-		return nil, err
+	if err := verifyBootstrapServer(c.ConnectionState(), hello.CACert, caHash); err != nil {
+		return fail(err)
 	}
-	if err := gob.NewEncoder(c).Encode(bootstrapRequest{Secret: t.Secret, CSR: csr, Node: nd}); err != nil {
-		return nil, fmt.Errorf("cluster: join: %w", err)
-	}
-	var resp bootstrapResponse
-	if err := dec.Decode(&resp); err != nil {
-		return nil, fmt.Errorf("cluster: join: reply: %w", err)
-	}
-	if err := errorFromWire(resp.Code, resp.Msg); err != nil {
-		return nil, fmt.Errorf("cluster: join refused: %w", err)
-	}
-	if _, err := tls.X509KeyPair(resp.Cert, key); err != nil {
-		return nil, fmt.Errorf("cluster: join: returned certificate: %w", err)
-	}
-	return &JoinResult{CACert: hello.CACert, Cert: resp.Cert, Key: key}, nil
+	return c, dec, hello.CACert, nil
 }
 
 // verifyBootstrapServer: the hello's CA must hash to want, and the TLS
@@ -274,18 +336,24 @@ func (n *Node) serveBootstrap(c net.Conn) {
 	}
 	var req bootstrapRequest
 	if err := gob.NewDecoder(io.LimitReader(c, maxBootstrapMsg)).Decode(&req); err != nil {
+		if errors.Is(err, io.EOF) {
+			// HoldsCAKey, or a joiner that found the wrong CA.
+			n.log.Debug("cluster: join stopped after the hello", "remote", c.RemoteAddr())
+			return
+		}
 		n.log.Warn("cluster: bad join request", "remote", c.RemoteAddr(), "err", err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	cert, err := n.bootstrap(ctx, &req)
-	resp := bootstrapResponse{Cert: cert, CACert: n.caCertPEM()}
+	cert, caKey, err := n.bootstrap(ctx, &req)
+	resp := bootstrapResponse{Cert: cert, CACert: n.caCertPEM(), CAKey: caKey}
 	if err != nil {
 		resp.Code, resp.Msg = errorCode(err), err.Error()
 		n.log.Warn("cluster: network join refused", "joiner", req.Node.ID, "remote", c.RemoteAddr(), "err", err)
 	} else {
-		n.log.Info("cluster: node joined over the network", "joiner", req.Node.ID, "remote", c.RemoteAddr())
+		n.log.Info("cluster: node joined over the network", "joiner", req.Node.ID, "role", req.Node.Role,
+			"remote", c.RemoteAddr(), "ca_key_sent", caKey != nil)
 	}
 	_ = gob.NewEncoder(c).Encode(resp)
 }
@@ -298,26 +366,37 @@ func (n *Node) caCertPEM() []byte {
 }
 
 // bootstrap checks the CSR before anything is committed, admits the node
-// (token consumed on the leader), then signs.
-func (n *Node) bootstrap(ctx context.Context, req *bootstrapRequest) ([]byte, error) {
+// (token consumed on the leader), then signs. It returns the CA key too
+// when the node was admitted as storage: the JoinCmd committed only if
+// the token was issued for that role, so a witness token cannot fetch
+// the key by claiming storage. A node whose role is left empty (the
+// token's then) gets no key.
+func (n *Node) bootstrap(ctx context.Context, req *bootstrapRequest) (cert, caKey []byte, err error) {
 	if n.cfg.CA == nil {
-		return nil, ErrNoCAKey
+		return nil, nil, ErrNoCAKey
 	}
 	if err := validID("node id", req.Node.ID); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	if _, err := checkCSR(req.CSR, req.Node.ID); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var exists bool
 	n.fsm.Read(func(s *State) { _, exists = s.Nodes[req.Node.ID] })
 	if exists {
-		return nil, fmt.Errorf("%w: node %s", ErrExists, req.Node.ID)
+		return nil, nil, fmt.Errorf("%w: node %s", ErrExists, req.Node.ID)
 	}
 	if err := n.admitAnywhere(ctx, req.Secret, req.Node); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return n.cfg.CA.SignCSR(req.CSR, req.Node.ID, n.cfg.Clock.Now(), NodeCertValidity)
+	cert, err = n.cfg.CA.SignCSR(req.CSR, req.Node.ID, n.cfg.Clock.Now(), NodeCertValidity)
+	if err != nil {
+		return nil, nil, err
+	}
+	if req.Node.Role == RoleStorage {
+		caKey = n.cfg.CA.KeyPEM
+	}
+	return cert, caKey, nil
 }
 
 // admitAnywhere runs admit on the leader, over tagAdmit when this node

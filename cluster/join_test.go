@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/gob"
 	"errors"
 	"io"
@@ -237,7 +238,7 @@ func TestNetworkJoinRefusals(t *testing.T) {
 	check("no CA key", err, ErrNoCAKey)
 
 	// A CSR for another name.
-	_, err = joinNetwork(ctx, tk, "", nd("x1"), "mallory")
+	_, _, err = joinNetwork(ctx, tk, "", nd("x1"), "mallory")
 	check("CSR CN", err, ErrInvalid)
 
 	// An existing node id.
@@ -353,5 +354,191 @@ func TestJoinTicketParse(t *testing.T) {
 		if _, err := ParseJoinTicket(s); !errors.Is(err, ErrToken) {
 			t.Fatalf("%q accepted", s)
 		}
+	}
+}
+
+// TestAnyStorageNodeAdmits: n1 inits; n2 joins as storage and receives
+// the CA key, a witness w1 does not (not even by claiming storage); n1
+// is then lost for good and n2 alone admits the next node, which gets a
+// certificate of the same CA and becomes a voting member. The token n1
+// printed before it died is refused by nobody: the joiner is told n1 is
+// unreachable and the same token works through n2, once.
+func TestAnyStorageNodeAdmits(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	ca, err := NewCA("test", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(id string, role Role, tlsCfg *tls.Config, bind string, nodeCA *CA) *Node {
+		t.Helper()
+		cfg := NodeConfig{ID: id, Role: role, BindAddr: bind, TLS: tlsCfg, CA: nodeCA, Logger: testLogger(t)}
+		joinTestTimeouts(&cfg)
+		n, err := NewNode(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close() })
+		return n
+	}
+	// startJoined starts a node from what its network join returned; it
+	// holds the CA (and so admits joins) only if the join handed it the key.
+	startJoined := func(id string, role Role, addr string, res *JoinResult) *Node {
+		t.Helper()
+		cfg, err := TLSConfig(res.CACert, res.Cert, res.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var nodeCA *CA
+		if res.CAKey != nil {
+			if nodeCA, err = LoadCA(res.CACert, res.CAKey); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return start(id, role, cfg, addr, nodeCA)
+	}
+	ticket := func(p Proposer, role Role, addr string) JoinTicket {
+		t.Helper()
+		tok, cmd, err := NewJoinToken(role, time.Now(), time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Propose(ctx, cmd); err != nil {
+			t.Fatal(err)
+		}
+		h, _ := CAHash(ca.CertPEM)
+		return JoinTicket{Secret: tok, CAHash: h, Addr: addr}
+	}
+	isVoter := func(l *Node, id string) bool {
+		cf := l.Raft().GetConfiguration()
+		if cf.Error() != nil {
+			return false
+		}
+		for _, s := range cf.Configuration().Servers {
+			if string(s.ID) == id {
+				return s.Suffrage == raft.Voter
+			}
+		}
+		return false
+	}
+
+	n1 := start("n1", RoleStorage, nodeTLS(t, ca, "n1"), "127.0.0.1:0", ca)
+	if err := n1.Bootstrap(ctx, NodeInfo{}); err != nil {
+		t.Fatal(err)
+	}
+	n1Addr := string(n1.Addr())
+
+	// n2 joins through n1 as storage and gets the CA key.
+	n2Addr := freeAddr(t)
+	res2, resp2, err := joinNetwork(ctx, ticket(n1, RoleStorage, n1Addr), "", NodeInfo{ID: "n2", Role: RoleStorage, RaftAddr: n2Addr}, "n2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(res2.CAKey, ca.KeyPEM) || !bytes.Equal(resp2.CAKey, ca.KeyPEM) {
+		t.Fatal("a storage node was admitted without the CA key")
+	}
+	n2 := startJoined("n2", RoleStorage, n2Addr, res2)
+	caHash, _ := CAHash(ca.CertPEM)
+	if err := HoldsCAKey(ctx, n2Addr, caHash); err != nil {
+		t.Fatalf("n2 does not answer as a key holder: %v", err)
+	}
+
+	// A witness token cannot fetch the key by claiming storage: the
+	// JoinCmd refuses the role, and nothing is sent.
+	wAddr := freeAddr(t)
+	wtk := ticket(n1, RoleWitness, n2Addr)
+	_, resp, err := joinNetwork(ctx, wtk, "", NodeInfo{ID: "w1", Role: RoleStorage, RaftAddr: wAddr}, "w1")
+	if !errors.Is(err, ErrToken) || resp == nil || resp.CAKey != nil {
+		t.Fatalf("witness token claiming storage: err %v, reply %+v", err, resp)
+	}
+	// w1 joins as a witness through n2 (admission forwarded to the leader
+	// n1) and gets a certificate but no key, as sent on the wire.
+	resW, respW, err := joinNetwork(ctx, wtk, "", NodeInfo{ID: "w1", Role: RoleWitness, RaftAddr: wAddr}, "w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if respW.CAKey != nil || resW.CAKey != nil {
+		t.Fatal("the witness was handed the CA key")
+	}
+	w1 := startJoined("w1", RoleWitness, wAddr, resW)
+	if err := HoldsCAKey(ctx, wAddr, caHash); !errors.Is(err, ErrNoCAKey) {
+		t.Fatalf("witness probe: %v, want ErrNoCAKey", err)
+	}
+	if err := waitFor(ctx, func() bool { return n1.IsLeader() && isVoter(n1, "n2") && isVoter(n1, "w1") }); err != nil {
+		t.Fatal("n2 and w1 did not become voters")
+	}
+
+	// A token printed on n1 just before n1 is lost for good.
+	tk := ticket(n1, RoleStorage, n1Addr)
+	if err := n1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	leader, err := (&tlsCluster{}).leader(ctx, n2, w1)
+	if err != nil {
+		t.Fatal("no leader among n2 and w1")
+	}
+
+	n3Addr, n4Addr := freeAddr(t), freeAddr(t)
+	_, err = JoinNetwork(ctx, tk, "", NodeInfo{ID: "n3", Role: RoleStorage, RaftAddr: n3Addr})
+	if !errors.Is(err, ErrMemberUnreachable) || !strings.Contains(err.Error(), "--join") {
+		t.Fatalf("join through the dead n1: %v, want ErrMemberUnreachable naming --join", err)
+	}
+	// The same token through n2, by two joiners at once: the token is
+	// consumed through raft, so exactly one is admitted.
+	type outcome struct {
+		id  string
+		res *JoinResult
+		err error
+	}
+	out := make(chan outcome, 2)
+	for _, j := range []struct{ id, addr string }{{"n3", n3Addr}, {"n4", n4Addr}} {
+		go func() {
+			res, err := JoinNetwork(ctx, tk, n2Addr, NodeInfo{ID: j.id, Role: RoleStorage, RaftAddr: j.addr})
+			out <- outcome{j.id, res, err}
+		}()
+	}
+	var won *outcome
+	for range 2 {
+		o := <-out
+		switch {
+		case o.err == nil && won == nil:
+			won = &o
+		case o.err == nil:
+			t.Fatalf("one token admitted both %s and %s", won.id, o.id)
+		case !errors.Is(o.err, ErrToken):
+			t.Fatalf("%s: %v, want ErrToken", o.id, o.err)
+		}
+	}
+	if won == nil {
+		t.Fatal("neither joiner was admitted through n2")
+	}
+	id, addr := won.id, n3Addr
+	if id == "n4" {
+		addr = n4Addr
+	}
+	cert, err := parseCert(won.res.Cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.cert)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: clusterServerName,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil || cert.Subject.CommonName != id {
+		t.Fatalf("certificate from n2: CN %q, %v", cert.Subject.CommonName, err)
+	}
+	if !bytes.Equal(won.res.CAKey, ca.KeyPEM) {
+		t.Fatal("the node n2 admitted as storage did not get the CA key")
+	}
+	n3 := startJoined(id, RoleStorage, addr, won.res)
+	if err := waitFor(ctx, func() bool {
+		l, err := (&tlsCluster{}).leader(ctx, n2, w1, n3)
+		return err == nil && isVoter(l, id) && n3.FSM().State().Nodes[id] != nil
+	}); err != nil {
+		t.Fatalf("%s did not become a voting member (leader was %s)", id, leader.ID())
+	}
+	// Its certificate makes it a member: its proposals are forwarded and
+	// committed by the quorum n2, w1, n3 of four voters.
+	if _, err := n3.Propose(ctx, &Command{Kind: KindEvent, Event: &EventCmd{Event: Event{Kind: "test", Node: id, Message: "after n1"}}}); err != nil {
+		t.Fatalf("propose through %s: %v", id, err)
 	}
 }

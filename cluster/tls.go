@@ -25,6 +25,8 @@ import (
 const clusterServerName = "hasan-cluster"
 
 // CA is the cluster certificate authority created by `hasan cluster init`.
+// Its key is kept by every storage node (decision 0013), never by a
+// witness.
 type CA struct {
 	CertPEM, KeyPEM []byte
 	cert            *x509.Certificate
@@ -54,7 +56,12 @@ func NewCA(clusterName string, now time.Time) (*CA, error) {
 	return LoadCA(pemBlock("CERTIFICATE", der), mustKeyPEM(key))
 }
 
-// LoadCA parses a CA from PEM.
+// ErrCAKeyMismatch: a CA key that does not belong to the CA certificate.
+var ErrCAKeyMismatch = errors.New("cluster: ca key does not belong to the CA certificate")
+
+// LoadCA parses a CA from PEM and checks that the key is the
+// certificate's: a key copied from another cluster (or a truncated file)
+// is refused here rather than at the first signature a peer rejects.
 func LoadCA(certPEM, keyPEM []byte) (*CA, error) {
 	cert, err := parseCert(certPEM)
 	if err != nil {
@@ -67,6 +74,12 @@ func LoadCA(certPEM, keyPEM []byte) (*CA, error) {
 	key, err := x509.ParseECPrivateKey(kb.Bytes)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: ca key: %w", err)
+	}
+	if pub, ok := cert.PublicKey.(*ecdsa.PublicKey); !ok || !pub.Equal(&key.PublicKey) {
+		return nil, ErrCAKeyMismatch
+	}
+	if !cert.IsCA {
+		return nil, fmt.Errorf("%w: the certificate is not a CA", ErrCAKeyMismatch)
 	}
 	return &CA{CertPEM: certPEM, KeyPEM: keyPEM, cert: cert, key: key}, nil
 }

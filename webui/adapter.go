@@ -471,3 +471,24 @@ func (s *NodeService) Events(ctx context.Context, limit int) ([]cluster.Event, e
 
 // raftStates lists every raft role so /metrics exports a 0 for the others.
 var raftStates = []string{raft.Follower.String(), raft.Candidate.String(), raft.Leader.String(), raft.Shutdown.String()}
+
+var _ ReplicaService = (*NodeService)(nil)
+
+// SetVolumeReplicas implements ReplicaService.
+func (s *NodeService) SetVolumeReplicas(ctx context.Context, uuid string, req ReplicasRequest) (cluster.Volume, error) {
+	res, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindVolumeReplicas,
+		VolumeReplicas: &cluster.VolumeReplicasCmd{UUID: uuid, Remove: req.Remove, Add: req.Add}})
+	if err != nil {
+		return cluster.Volume{}, err
+	}
+	if v, ok := res.(cluster.Volume); ok {
+		return v, nil
+	}
+	// Forwarded from a follower, the result may not come back: read it.
+	return s.Volume(ctx, uuid)
+}
+
+// ReplaceNode implements ReplicaService (see ReplaceNode).
+func (s *NodeService) ReplaceNode(ctx context.Context, node string, req ReplaceNodeRequest) (ReplaceNodeResult, error) {
+	return ReplaceNode(ctx, s, node, req)
+}

@@ -465,3 +465,56 @@ func (s *Server) listEvents(c *gin.Context) {
 		return ev, err
 	})
 }
+
+// --- replica sets ---
+
+// replicas returns the ReplicaService, or answers 501.
+func (s *Server) replicas(c *gin.Context) (ReplicaService, bool) {
+	rs, ok := s.svc.(ReplicaService)
+	if !ok {
+		c.JSON(http.StatusNotImplemented, errorBody{Error: "this server cannot change replica sets"})
+	}
+	return rs, ok
+}
+
+func (s *Server) postVolumeReplicas(c *gin.Context) {
+	rs, ok := s.replicas(c)
+	if !ok {
+		return
+	}
+	var req ReplicasRequest
+	if err := bind(c, &req); err != nil {
+		s.fail(c, err)
+		return
+	}
+	if req.Remove == "" && req.Add == "" {
+		s.fail(c, invalid("body", "give remove, add, or both (remove and add replace one node by another)"))
+		return
+	}
+	reply(s, c, http.StatusOK, func(ctx context.Context) (cluster.Volume, error) {
+		return rs.SetVolumeReplicas(ctx, c.Param("uuid"), req)
+	})
+}
+
+func (s *Server) replaceNode(c *gin.Context) {
+	rs, ok := s.replicas(c)
+	if !ok {
+		return
+	}
+	var req ReplaceNodeRequest
+	if err := bind(c, &req); err != nil {
+		s.fail(c, err)
+		return
+	}
+	if err := required("with", req.With); err != nil {
+		s.fail(c, err)
+		return
+	}
+	if req.With == c.Param("id") {
+		s.fail(c, invalid("with", "node %s cannot replace itself", req.With))
+		return
+	}
+	reply(s, c, http.StatusOK, func(ctx context.Context) (ReplaceNodeResult, error) {
+		return rs.ReplaceNode(ctx, c.Param("id"), req)
+	})
+}

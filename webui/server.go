@@ -2,6 +2,7 @@ package webui
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,7 +31,12 @@ type Config struct {
 	MaxBodyBytes int64
 	// RequestTimeout bounds each call into the Service (default 10 s).
 	RequestTimeout time.Duration
-	Logger         *slog.Logger
+	// TLS, when set, makes the server speak HTTPS only and admit only
+	// clients with an administrator certificate of the cluster CA (see
+	// auth.go; build it with TLSConfig). Nil means plain HTTP without
+	// authentication, which New allows only on a loopback Addr.
+	TLS    *tls.Config
+	Logger *slog.Logger
 }
 
 // Defaults of Config.
@@ -69,6 +75,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxBodyBytes < 0 {
 		return fmt.Errorf("webui: Config.MaxBodyBytes %d must not be negative", c.MaxBodyBytes)
+	}
+	if c.TLS == nil && !IsLoopback(c.Addr) {
+		return fmt.Errorf("webui: Config.Addr %s is not a loopback address: without Config.TLS anyone who can reach it "+
+			"could change the cluster; serve TLS with administrator certificates or listen on 127.0.0.1", c.Addr)
+	}
+	if c.TLS != nil {
+		if err := checkTLSConfig(c.TLS); err != nil {
+			return err
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -110,6 +125,7 @@ func New(cfg Config, svc Service) (*Server, error) {
 		ReadTimeout:       cfg.ReadTimeout,
 		WriteTimeout:      cfg.WriteTimeout,
 		IdleTimeout:       cfg.IdleTimeout,
+		TLSConfig:         cfg.TLS,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
 	}
 	return s, nil
@@ -128,9 +144,10 @@ func (s *Server) Addr() net.Addr {
 	return s.ln.Addr()
 }
 
-// Run listens on Config.Addr and serves until ctx ends, then shuts down
-// gracefully within Config.ShutdownTimeout. It returns nil after a clean
-// stop through ctx or Close.
+// Run listens on Config.Addr and serves (HTTPS when Config.TLS is set)
+// until ctx ends, then shuts down gracefully within
+// Config.ShutdownTimeout. It returns nil after a clean stop through ctx or
+// Close.
 func (s *Server) Run(ctx context.Context) error {
 	ln, err := net.Listen("tcp", s.cfg.Addr)
 	if err != nil {
@@ -139,10 +156,18 @@ func (s *Server) Run(ctx context.Context) error {
 	s.mu.Lock()
 	s.ln = ln
 	s.mu.Unlock()
-	s.log.Info("webui: serving", "addr", ln.Addr().String())
+	s.log.Info("webui: serving", "addr", ln.Addr().String(), "tls", s.cfg.TLS != nil)
 
 	errc := make(chan error, 1)
-	go func() { errc <- s.hs.Serve(ln) }()
+	go func() {
+		if s.cfg.TLS != nil {
+			// The certificate is in TLSConfig; ServeTLS also answers a
+			// plain-HTTP request with a 400 instead of a TLS alert.
+			errc <- s.hs.ServeTLS(ln, "", "")
+			return
+		}
+		errc <- s.hs.Serve(ln)
+	}()
 	select {
 	case err := <-errc:
 		if errors.Is(err, http.ErrServerClosed) {
@@ -174,7 +199,7 @@ func (s *Server) routes() *gin.Engine {
 	// atomic global, so concurrent New calls are safe.
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
-	e.Use(s.recoverer(), s.limitBody())
+	e.Use(s.recoverer(), s.authenticate(), s.limitBody())
 	e.HandleMethodNotAllowed = true
 	e.NoRoute(func(c *gin.Context) { s.fail(c, errNoSuch("route", c.Request.URL.Path)) })
 	e.NoMethod(func(c *gin.Context) {
@@ -197,11 +222,13 @@ func (s *Server) routes() *gin.Engine {
 	v1.PUT("/nodes/:id/state", s.putNodeState)
 	v1.PUT("/nodes/:id/fence", s.putNodeFence)
 	v1.POST("/nodes/:id/fence-confirm", s.confirmFence)
+	v1.POST("/nodes/:id/replace", s.replaceNode)
 
 	v1.GET("/volumes", s.listVolumes)
 	v1.POST("/volumes", s.createVolume)
 	v1.GET("/volumes/:uuid", s.getVolume)
 	v1.DELETE("/volumes/:uuid", s.deleteVolume)
+	v1.POST("/volumes/:uuid/replicas", s.postVolumeReplicas)
 
 	v1.GET("/targets", s.listTargets)
 	v1.POST("/targets", s.createTarget)

@@ -3,6 +3,8 @@ package webui
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/hasan-storage/hasan/cluster"
 	"github.com/hasan-storage/hasan/fencing"
@@ -156,3 +158,122 @@ func (e *NotLeaderError) Unwrap() []error { return []error{cluster.ErrNotLeader,
 
 // errNoSuch builds a not-found error the table maps to 404.
 func errNoSuch(what, id string) error { return fmt.Errorf("%w: %s %s", cluster.ErrNotFound, what, id) }
+
+// ReplicaService is the part of the control plane that changes volumes'
+// replica sets. It is separate from Service so that a Service without it
+// still builds; the API answers 501 for its routes then. NodeService
+// implements it.
+type ReplicaService interface {
+	// SetVolumeReplicas commits one volume-replicas change: remove leaves
+	// the replica set and the ISR, add joins the replica set and enters
+	// the ISR only once the primary has synced it. Either may be empty,
+	// not both. It returns the volume as committed.
+	SetVolumeReplicas(ctx context.Context, uuid string, req ReplicasRequest) (cluster.Volume, error)
+	// ReplaceNode replaces node on every volume holding a replica there by
+	// req.With, then removes node from the cluster if req.Remove. It
+	// changes nothing when node is the primary of any volume
+	// (cluster.ErrInUse naming the volumes and their groups).
+	ReplaceNode(ctx context.Context, node string, req ReplaceNodeRequest) (ReplaceNodeResult, error)
+}
+
+// ReplicasRequest is the body of POST /volumes/{uuid}/replicas.
+type ReplicasRequest struct {
+	Remove string `json:"remove,omitempty"`
+	Add    string `json:"add,omitempty"`
+}
+
+// ReplaceNodeRequest is the body of POST /nodes/{id}/replace.
+type ReplaceNodeRequest struct {
+	With   string `json:"with"`
+	Remove bool   `json:"remove,omitempty"`
+}
+
+// ReplaceNodeResult reports a node replacement: every volume changed, as
+// committed (the new node syncing, outside the ISR until caught up), and
+// whether the old node was removed from the cluster.
+type ReplaceNodeResult struct {
+	Node    string           `json:"node"`
+	With    string           `json:"with"`
+	Volumes []cluster.Volume `json:"volumes"`
+	Removed bool             `json:"removed"`
+}
+
+// ReplaceNode is ReplicaService.ReplaceNode in terms of the other calls,
+// for every implementation. The primaries are checked first, so a node
+// still primary of any volume changes nothing; a group that moves between
+// that check and the proposals is refused by the cluster volume by volume,
+// and the error then says which volumes were done.
+func ReplaceNode(ctx context.Context, svc interface {
+	Service
+	ReplicaService
+}, node string, req ReplaceNodeRequest) (ReplaceNodeResult, error) {
+	out := ReplaceNodeResult{Node: node, With: req.With, Volumes: []cluster.Volume{}}
+	if _, err := svc.Node(ctx, node); err != nil {
+		return out, err
+	}
+	vols, err := svc.Volumes(ctx)
+	if err != nil {
+		return out, err
+	}
+	targets, err := svc.Targets(ctx)
+	if err != nil {
+		return out, err
+	}
+	groups, err := svc.Groups(ctx)
+	if err != nil {
+		return out, err
+	}
+	groupOf := func(uuid string) string {
+		for _, t := range targets {
+			for _, u := range t.LUNs {
+				if u != uuid {
+					continue
+				}
+				for _, g := range groups {
+					if slices.Contains(g.Targets, t.IQN) {
+						return "group " + g.Name
+					}
+				}
+			}
+		}
+		return "in no group"
+	}
+	var mine []cluster.Volume
+	var primaries []string
+	for _, v := range vols {
+		if !slices.Contains(v.Replicas, node) {
+			continue
+		}
+		mine = append(mine, v)
+		if v.Primary == node {
+			primaries = append(primaries, fmt.Sprintf("%s (%s, %s)", v.UUID, v.Name, groupOf(v.UUID)))
+		}
+	}
+	if len(primaries) > 0 {
+		return out, fmt.Errorf("%w: node %s is the primary of volumes %s: move those groups to another node first "+
+			"(hasan group move GROUP --to NODE), then replace again; nothing was changed",
+			cluster.ErrInUse, node, strings.Join(primaries, ", "))
+	}
+	var done []string
+	for _, v := range mine {
+		nv, err := svc.SetVolumeReplicas(ctx, v.UUID, ReplicasRequest{Remove: node, Add: req.With})
+		if err != nil {
+			if len(done) == 0 {
+				return out, err
+			}
+			return out, fmt.Errorf("replaced %s on volumes %v, stopped at volume %s: %w", node, done, v.UUID, err)
+		}
+		done = append(done, v.UUID)
+		out.Volumes = append(out.Volumes, nv)
+	}
+	if req.Remove {
+		if err := svc.RemoveNode(ctx, node); err != nil {
+			if len(done) == 0 {
+				return out, err
+			}
+			return out, fmt.Errorf("replaced %s on volumes %v, then removing the node: %w", node, done, err)
+		}
+		out.Removed = true
+	}
+	return out, nil
+}

@@ -70,7 +70,7 @@ func newNodeCmd() *cobra.Command {
 		}),
 	}
 
-	cmd.AddCommand(list, show, remove,
+	cmd.AddCommand(list, show, remove, newNodeReplaceCmd(),
 		nodeStateCmd("online", "make NODE eligible for groups again (also clears fenced after a repair)"),
 		nodeStateCmd("standby", "move NODE's groups away (planned, no fence) and place nothing on it"),
 		nodeStateCmd("maintenance", "like standby, and the controller also ignores NODE's heartbeats"))
@@ -242,7 +242,7 @@ func newVolumeCmd() *cobra.Command {
 			return nil
 		}),
 	}
-	cmd.AddCommand(create, list, show, del)
+	cmd.AddCommand(create, list, show, del, newVolumeReplicasCmd())
 	return cmd
 }
 

@@ -3,13 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -25,9 +29,14 @@ import (
 // from its replica of the state and writes are forwarded to the Raft
 // leader, and when the answering node cannot forward, the client follows
 // the leader address it names.
+//
+// An API on loopback is plain HTTP. Anywhere else it is HTTPS and admits
+// administrator certificates only (webui/auth.go): --cert-dir points at
+// what `hasan cluster cert --admin --out DIR` wrote.
 
 const (
 	apiEnv         = "HASAN_API"
+	apiCertsEnv    = "HASAN_API_CERTS"
 	defaultAPIURL  = "http://127.0.0.1:7402"
 	apiCallTimeout = 30 * time.Second
 	// maxLeaderHops bounds how often one call follows X-Hasan-Leader; two
@@ -42,6 +51,16 @@ func defaultAPI() string {
 	}
 	return defaultAPIURL
 }
+
+// defaultCertDir is the --cert-dir default: HASAN_API_CERTS.
+func defaultCertDir() string { return strings.TrimSpace(os.Getenv(apiCertsEnv)) }
+
+// apiServerName is the DNS name every certificate of the cluster CA
+// carries (cluster/tls.go, clusterServerName): node certificates do not
+// name their API address, so the CLI accepts either that address or this
+// name, from a certificate of the cluster CA only.
+// TestServeAPIAdminTLS fails if the two drift apart.
+const apiServerName = "hasan-cluster"
 
 // apiBase normalises an --api value or a leader address (host:port, as the
 // cluster records api_addr) into a base URL.
@@ -62,21 +81,148 @@ func apiBase(v string) (string, error) {
 
 // apiClient makes calls to one node's REST API.
 type apiClient struct {
-	base string
-	hc   *http.Client
+	base    string
+	certDir string // "" when none was given
+	hc      *http.Client
 }
 
-// newAPIClient reads the root's --api flag.
+// newAPIClient reads the root's --api and --cert-dir flags.
 func newAPIClient(cmd *cobra.Command) (*apiClient, error) {
 	v, err := cmd.Flags().GetString("api")
 	if err != nil {
 		v = defaultAPI()
 	}
-	base, err := apiBase(v)
+	dir, err := cmd.Flags().GetString("cert-dir")
+	if err != nil {
+		dir = defaultCertDir()
+	}
+	return dialAPI(v, dir)
+}
+
+// dialAPI builds the client of the API at api; certDir is needed for
+// https and ignored for http.
+func dialAPI(api, certDir string) (*apiClient, error) {
+	base, err := apiBase(api)
 	if err != nil {
 		return nil, err
 	}
-	return &apiClient{base: base, hc: &http.Client{Timeout: apiCallTimeout}}, nil
+	c := &apiClient{base: base, certDir: strings.TrimSpace(certDir), hc: &http.Client{Timeout: apiCallTimeout}}
+	if !strings.HasPrefix(base, "https://") {
+		return c, nil
+	}
+	if c.certDir == "" {
+		return nil, fmt.Errorf("hasan: the API at %s uses TLS and admits administrator certificates only: pass --cert-dir DIR "+
+			"(or %s=DIR) with the files `hasan cluster cert --admin --node NAME --out DIR` wrote", base, apiCertsEnv)
+	}
+	tc, err := adminClientTLS(c.certDir)
+	if err != nil {
+		return nil, err
+	}
+	c.hc.Transport = &http.Transport{DialTLSContext: tc.dial}
+	return c, nil
+}
+
+// adminTLS dials an HTTPS API with an administrator certificate.
+type adminTLS struct {
+	dir   string
+	roots *x509.CertPool
+	pair  tls.Certificate
+}
+
+// adminClientTLS loads the output of `hasan cluster cert --admin` (ca.crt,
+// node.crt, node.key).
+func adminClientTLS(dir string) (*adminTLS, error) {
+	var pems [3][]byte
+	for i, name := range []string{caCertFile, nodeCertFile, nodeKeyFile} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("hasan: --cert-dir %s: %w (want %s, %s and %s, as `hasan cluster cert --admin --out DIR` writes them)",
+				dir, err, caCertFile, nodeCertFile, nodeKeyFile)
+		}
+		pems[i] = b
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pems[0]) {
+		return nil, fmt.Errorf("hasan: --cert-dir %s: %s holds no certificate", dir, caCertFile)
+	}
+	pair, err := tls.X509KeyPair(pems[1], pems[2])
+	if err != nil {
+		return nil, fmt.Errorf("hasan: --cert-dir %s: %s/%s: %w", dir, nodeCertFile, nodeKeyFile, err)
+	}
+	return &adminTLS{dir: dir, roots: roots, pair: pair}, nil
+}
+
+// dial is the transport's DialTLSContext. The server must present a
+// certificate of the cluster CA naming the host dialled or apiServerName.
+// The host is taken here because a leader hop changes it and the client
+// side of tls.ConnectionState leaves ServerName empty for an IP address.
+func (a *adminTLS) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Go sends a certificate only when its issuer is among those the
+		// server asks for, and silently none otherwise. Sending it always
+		// makes a certificate of the wrong cluster fail the handshake,
+		// which call() names, instead of passing for "no certificate".
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &a.pair, nil },
+		// The standard check would want the dialled address in the
+		// certificate, which node certificates do not carry; the chain
+		// check is done in full by VerifyConnection instead.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyAPIServer(cs, a.roots, a.dir, host)
+		},
+	}
+	if net.ParseIP(host) == nil {
+		cfg.ServerName = host // SNI, for a proxy or a certificate chosen by name
+	}
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	raw, err := (&net.Dialer{}).DialContext(hctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	conn := tls.Client(raw, cfg)
+	if err := conn.HandshakeContext(hctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// serverCertError is a server certificate the CLI refused.
+type serverCertError struct {
+	dir string
+	err error
+}
+
+func (e *serverCertError) Error() string {
+	return fmt.Sprintf("the server's certificate is not one of the cluster CA in %s/%s: %v "+
+		"(is --cert-dir from this cluster, and --api a node of it?)", e.dir, caCertFile, e.err)
+}
+
+func (e *serverCertError) Unwrap() error { return e.err }
+
+func verifyAPIServer(cs tls.ConnectionState, roots *x509.CertPool, dir, host string) error {
+	if len(cs.PeerCertificates) == 0 {
+		return &serverCertError{dir: dir, err: errors.New("no certificate presented")}
+	}
+	leaf := cs.PeerCertificates[0]
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+		return &serverCertError{dir: dir, err: err}
+	}
+	if err := leaf.VerifyHostname(host); err != nil && leaf.VerifyHostname(apiServerName) != nil {
+		return &serverCertError{dir: dir, err: err}
+	}
+	return nil
 }
 
 // apiError is an error the API answered with.
@@ -132,8 +278,7 @@ func (c *apiClient) call(ctx context.Context, method, path string, in, out any) 
 		}
 		resp, err := c.hc.Do(req)
 		if err != nil {
-			return fmt.Errorf("hasan: cannot reach the REST API at %s: %w "+
-				"(is `hasan serve` running there? point --api or %s at a node's api_listen)", base, err, apiEnv)
+			return c.transportError(base, err)
 		}
 		data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 		resp.Body.Close()
@@ -142,12 +287,17 @@ func (c *apiClient) call(ctx context.Context, method, path string, in, out any) 
 		}
 		if resp.StatusCode == http.StatusServiceUnavailable {
 			if leader := resp.Header.Get(webui.LeaderHeader); leader != "" && hop < maxLeaderHops {
-				next, err := apiBase(leader)
+				next, err := leaderBase(base, leader)
 				if err == nil && next != base {
 					base = next
 					continue
 				}
 			}
+		}
+		if resp.StatusCode == http.StatusBadRequest && strings.HasPrefix(base, "http://") &&
+			bytes.Contains(data, []byte("HTTP request to an HTTPS server")) {
+			return fmt.Errorf("hasan: the API at %s speaks HTTPS: use --api %s with --cert-dir DIR (or %s=DIR), "+
+				"the output of `hasan cluster cert --admin`", base, "https://"+strings.TrimPrefix(base, "http://"), apiCertsEnv)
 		}
 		if resp.StatusCode >= 300 {
 			return replyError(method, path, resp.StatusCode, data)
@@ -160,6 +310,45 @@ func (c *apiClient) call(ctx context.Context, method, path string, in, out any) 
 		}
 		return nil
 	}
+}
+
+// leaderBase turns the leader's API address (host:port, from the cluster
+// state) into a base URL with the scheme of the node that named it: the
+// nodes of one cluster serve their APIs alike, and a TLS client must not
+// fall back to plain HTTP on a hop.
+func leaderBase(cur, leader string) (string, error) {
+	if !strings.HasPrefix(cur, "https://") {
+		return apiBase(leader)
+	}
+	if !strings.Contains(leader, "://") {
+		leader = "https://" + leader
+	}
+	next, err := apiBase(leader)
+	if err == nil && !strings.HasPrefix(next, "https://") {
+		return "", fmt.Errorf("hasan: not following the leader from %s to plain-HTTP %s", cur, next)
+	}
+	return next, err
+}
+
+// transportError says what to fix when no HTTP reply came back.
+func (c *apiClient) transportError(base string, err error) error {
+	var sce *serverCertError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &sce):
+		return fmt.Errorf("hasan: the API at %s: %w", base, sce)
+	case strings.Contains(msg, "remote error: tls:"):
+		// The server's handshake refused our certificate: another CA,
+		// expired, or not a client certificate.
+		return fmt.Errorf("hasan: the API at %s refused the client certificate in --cert-dir %s (%w): it must be "+
+			"signed by this cluster's CA and still valid; make one with `hasan cluster cert --admin --node NAME --out DIR`",
+			base, c.certDir, err)
+	case errors.Is(err, http.ErrSchemeMismatch):
+		return fmt.Errorf("hasan: the API at %s serves plain HTTP (a loopback api_listen): use --api %s",
+			base, "http://"+strings.TrimPrefix(base, "https://"))
+	}
+	return fmt.Errorf("hasan: cannot reach the REST API at %s: %w "+
+		"(is `hasan serve` running there? point --api or %s at a node's api_listen)", base, err, apiEnv)
 }
 
 func replyError(method, path string, status int, data []byte) error {

@@ -21,8 +21,9 @@ import (
 	"github.com/hasan-storage/hasan/cluster"
 )
 
-// Files under data_dir/tls. ca.key exists only on the node that ran
-// `cluster init` (and wherever the operator copies it).
+// Files under data_dir/tls. ca.key exists on the node that ran `cluster
+// init`, on every node that joined as storage over the network, and
+// wherever `cluster ca import` put it; never on a witness (decision 0013).
 const (
 	caCertFile   = "ca.crt"
 	caKeyFile    = "ca.key"
@@ -71,7 +72,7 @@ const nodeCertValidity = cluster.NodeCertValidity
 func newClusterCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "create, join and inspect the cluster"}
 	cmd.AddCommand(newClusterInitCmd(), newClusterCertCmd(), newClusterTokenCmd(), newClusterJoinCmd(), newClusterStatusCmd())
-	cmd.AddCommand(newClusterMaintenanceCmd())
+	cmd.AddCommand(newClusterMaintenanceCmd(), newClusterCACmd())
 	return cmd
 }
 
@@ -174,7 +175,7 @@ func issueNodeCert(cfg *serveConfig, id, out string) error {
 	}
 	keyPEM, err := os.ReadFile(filepath.Join(cfg.tlsDir(), caKeyFile))
 	if err != nil {
-		return fmt.Errorf("hasan: the CA key is only on the node that ran `cluster init`: %w", err)
+		return fmt.Errorf("hasan: this node does not hold the CA key (run this on a storage node that does): %w", err)
 	}
 	ca, err := cluster.LoadCA(certPEM, keyPEM)
 	if err != nil {
@@ -197,8 +198,10 @@ func newClusterTokenCmd() *cobra.Command {
 		Short: "print a short-lived, single-use join token (asks the running node through its admin socket)",
 		Long: "token prints hsn1.<id>.<secret>.<sha256 of the cluster CA certificate>@<member address>. " +
 			"The new node uses the hash to authenticate the cluster before it sends the secret, and dials the " +
-			"address (this node's cluster_advertise unless --join is given). The member it dials must hold the " +
-			"CA key (data_dir/tls/ca.key: the node that ran `cluster init`), since it signs the new certificate.",
+			"address. The member it dials must hold the CA key (data_dir/tls/ca.key), since it signs the new " +
+			"certificate: the address is this node's cluster_advertise when it holds the key, else that of the " +
+			"first storage member that answers as a key holder, unless --join is given. Every node that joined " +
+			"as storage holds the key; older clusters copy it with `hasan cluster ca export`/`import`.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadServeConfig(config)
@@ -214,12 +217,8 @@ func newClusterTokenCmd() *cobra.Command {
 				return err
 			}
 			if join == "" {
-				if _, err := os.Stat(filepath.Join(cfg.tlsDir(), caKeyFile)); err != nil {
-					return errors.New("hasan: this node does not hold the CA key: pass --join with the cluster address of the node that ran `cluster init`")
-				}
-				join = cfg.clusterAdvertise()
-				if host, _, err := net.SplitHostPort(join); err != nil || host == "" || net.ParseIP(host) != nil && net.ParseIP(host).IsUnspecified() {
-					return fmt.Errorf("hasan: cluster address %q cannot be dialled by a new node: set cluster_advertise or pass --join", join)
+				if join, err = tokenJoinAddr(cmd.Context(), cfg, hash, cmd.ErrOrStderr()); err != nil {
+					return err
 				}
 			}
 			var resp struct {
@@ -264,9 +263,12 @@ func newClusterJoinCmd() *cobra.Command {
 		Short: "join this node to the cluster with a token from `hasan cluster token`",
 		Long: "join, run on the NEW node before its first `hasan serve`, makes its key and a certificate request, " +
 			"dials the member named in the token (or --join) on its cluster port, checks that member's CA against " +
-			"the hash in the token, and only then sends the token and the request. The member holding the CA key " +
-			"consumes the token through Raft, signs the certificate and adds the node (as a non-voter, promoted to " +
-			"voter once it answers). The certificate is written to data_dir/tls; then start `hasan serve`.\n\n" +
+			"the hash in the token, and only then sends the token and the request. The member (any storage node " +
+			"holding the CA key) consumes the token through Raft, signs the certificate and adds the node (as a " +
+			"non-voter, promoted to voter once it answers). The certificate is written to data_dir/tls; a storage " +
+			"node also receives the CA key (ca.key, mode 0600), so it can admit later joins. Then start `hasan serve`.\n\n" +
+			"If the member named in the token is gone, the token is still good: pass --join with the cluster " +
+			"address of another storage member.\n\n" +
 			"With --via (the leader's admin socket, on the leader's host) the node described by --config is admitted " +
 			"locally instead; it must already have its certificate (`hasan cluster cert`) and run `hasan serve`.",
 		Args: cobra.NoArgs,
@@ -287,13 +289,16 @@ func newClusterJoinCmd() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "node %s joined; certificate written to %s; start it with `hasan serve --config %s`\n", cfg.Node, cfg.tlsDir(), config)
+			if _, err := os.Stat(filepath.Join(cfg.tlsDir(), caKeyFile)); err == nil {
+				fmt.Fprintf(cmd.OutOrStdout(), "this node received the cluster CA key (%s): it can admit joins\n", filepath.Join(cfg.tlsDir(), caKeyFile))
+			}
 			return nil
 		},
 	}
 	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "YAML configuration file of the joining node")
 	c.Flags().StringVar(&token, "token", "", "join token from `hasan cluster token`")
 	c.Flags().StringVar(&via, "via", "", "admin socket of the Raft leader (its data_dir/admin.sock): admit locally instead of over the network")
-	c.Flags().StringVar(&join, "join", "", "cluster address (host:port) of a member holding the CA key (default: the token's)")
+	c.Flags().StringVar(&join, "join", "", "cluster address (host:port) of a storage member holding the CA key (default: the token's)")
 	_ = c.MarkFlagRequired("token")
 	return c
 }
@@ -316,7 +321,11 @@ func networkJoin(ctx context.Context, cfg *serveConfig, token, join string) erro
 	if err != nil {
 		return err
 	}
-	if err := writeFiles(cfg.tlsDir(), map[string][]byte{caCertFile: res.CACert, nodeCertFile: res.Cert, nodeKeyFile: res.Key}); err != nil {
+	files := map[string][]byte{caCertFile: res.CACert, nodeCertFile: res.Cert, nodeKeyFile: res.Key}
+	if res.CAKey != nil {
+		files[caKeyFile] = res.CAKey
+	}
+	if err := writeFiles(cfg.tlsDir(), files); err != nil {
 		return fmt.Errorf("hasan: %w", err)
 	}
 	return nil

@@ -117,7 +117,8 @@ func printDemoCluster(ctx context.Context, w io.Writer, c *democluster.Cluster) 
 	}
 	fmt.Fprintf(w, `  target   %[1]s, LUN 0 = 2-replica volume on n1+n2
   portal   %[2]s (floating IP, owner now %[3]s)
-  console  %[4]s/api/v1/cluster  (REST API; the web console is not built yet)
+  console  %[4]s/api/v1/cluster  (REST API, HTTPS with the admin certificate in %[6]s;
+           the web console is not built yet)
 
 Reach it through the floating IP:
   iscsiadm -m discovery -t sendtargets -p %[2]s
@@ -126,12 +127,12 @@ Reach it through the floating IP:
 
 Try a failover:
   crash the owner      kill -9 <pid of %[3]s above>   (it is fenced through its BMC, then taken over)
-  planned move         hasan target move g0 --to <other node> --api %[4]s
+  planned move         hasan target move g0 --to <other node> --api %[4]s --cert-dir %[6]s
   state                hasan cluster status --config %[5]s
   events               they are printed below as they happen
 
 Ctrl-C stops both demos and removes the namespaces.
-`, democluster.IQN, c.Portal(), owner, api, c.Nodes[0].Config)
+`, democluster.IQN, c.Portal(), owner, api, c.Nodes[0].Config, c.AdminCerts)
 }
 
 // pickDemoPort returns the first free loopback port from want upwards, so the

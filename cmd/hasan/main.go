@@ -37,6 +37,7 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().String("api", defaultAPI(), "REST API of any cluster node for the administrator commands (env "+apiEnv+")")
+	root.PersistentFlags().String("cert-dir", defaultCertDir(), "`DIR` written by hasan cluster cert --admin (ca.crt, node.crt, node.key); needed for an https --api (env "+apiCertsEnv+")")
 	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		var lvl slog.Level
 		if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {

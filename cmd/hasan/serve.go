@@ -48,12 +48,33 @@ type serveConfig struct {
 	VIPLink  string `yaml:"vip_link"`
 	VIPLabel string `yaml:"vip_label"`
 	// APIListen is the REST API (default 127.0.0.1:7402); "off" disables
-	// it.
+	// it. On loopback it is plain HTTP without authentication: meant for
+	// root on the node, but any local user can connect (api_tls: on
+	// closes that). Anywhere else it is HTTPS and admits only
+	// administrator certificates (webui/auth.go).
 	APIListen string `yaml:"api_listen"`
+	// APITLS is "auto" (the default: TLS exactly when api_listen is not
+	// loopback) or "on" (TLS on loopback too, e.g. behind an SSH tunnel
+	// shared by several users). There is no "off": a network-reachable
+	// API without TLS would let anyone on that network change the cluster.
+	APITLS string `yaml:"api_tls"`
+	// APITLSCert and APITLSKey are the API's server certificate and key
+	// (PEM files), signed by the cluster CA; default this node's cluster
+	// certificate in data_dir/tls, whose name "hasan-cluster" the hasan
+	// CLI checks. Set them for a certificate naming the host or IP that
+	// browsers and curl check.
+	APITLSCert string `yaml:"api_tls_cert"`
+	APITLSKey  string `yaml:"api_tls_key"`
 	// FailureTimeout is the controller's failure detection; Lease the
 	// self-demotion lease (must be shorter).
 	FailureTimeout time.Duration `yaml:"failure_timeout"`
 	Lease          time.Duration `yaml:"lease"`
+	// LeaderPlacement (default true) lets the Raft leader hand leadership
+	// to the node whose loss costs least (a witness first), so that an
+	// owner's loss never waits for an election. Set false to leave
+	// leadership where elections put it, e.g. when the witness runs on
+	// hardware too slow to lead.
+	LeaderPlacement *bool `yaml:"leader_placement"`
 	// ReplicaAckTimeout is how long a primary waits for a replica that
 	// leaves a write unanswered before it drops it from the ISR (the
 	// write stall when a replica dies silently); default
@@ -92,6 +113,7 @@ func (c *serveConfig) setDefaults() {
 	def(&c.ReplicationListen, defaultReplicationListen)
 	def(&c.PortalListen, defaultPortalListen)
 	def(&c.APIListen, defaultAPIListen)
+	def(&c.APITLS, apiTLSAuto)
 	if c.FailureTimeout <= 0 {
 		c.FailureTimeout = cluster.DefaultFailureTimeout
 	}
@@ -164,6 +186,17 @@ func (c *serveConfig) Validate() error {
 			return err
 		}
 	}
+	if c.APITLS != apiTLSAuto && c.APITLS != apiTLSOn {
+		return fmt.Errorf("config: api_tls %q: want auto or on", c.APITLS)
+	}
+	if (c.APITLSCert == "") != (c.APITLSKey == "") {
+		return errors.New("config: api_tls_cert and api_tls_key go together: set both or neither")
+	}
+	for field, p := range map[string]string{"api_tls_cert": c.APITLSCert, "api_tls_key": c.APITLSKey} {
+		if p != "" && !filepath.IsAbs(p) {
+			return fmt.Errorf("config: %s %q: must be an absolute path", field, p)
+		}
+	}
 	if err := cluster.CheckTimeouts(c.Lease, c.FailureTimeout); err != nil {
 		return fmt.Errorf("config: lease/failure_timeout: %w", err)
 	}
@@ -185,6 +218,52 @@ func (c *serveConfig) replicationAdvertise() string {
 		return c.ReplicationAdvertise
 	}
 	return c.ReplicationListen
+}
+
+// Values of api_tls.
+const (
+	apiTLSAuto = "auto"
+	apiTLSOn   = "on"
+)
+
+// apiUsesTLS: the API serves HTTPS with administrator certificates.
+func (c *serveConfig) apiUsesTLS() bool {
+	return c.APIListen != "off" && (c.APITLS == apiTLSOn || !webui.IsLoopback(c.APIListen))
+}
+
+// apiTLSConfig loads the API's TLS material: the cluster CA (which signs
+// the administrator certificates it admits) and the server certificate.
+// It runs before anything else starts, so that a node told to expose its
+// API without the means to protect it does not start at all.
+func (c *serveConfig) apiTLSConfig() (*tls.Config, error) {
+	certFile, keyFile := c.APITLSCert, c.APITLSKey
+	if certFile == "" {
+		certFile, keyFile = filepath.Join(c.tlsDir(), nodeCertFile), filepath.Join(c.tlsDir(), nodeKeyFile)
+	}
+	var pems [3][]byte
+	for i, f := range []string{filepath.Join(c.tlsDir(), caCertFile), certFile, keyFile} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, c.apiTLSError(err)
+		}
+		pems[i] = b
+	}
+	tc, err := webui.TLSConfig(pems[0], pems[1], pems[2])
+	if err != nil {
+		return nil, c.apiTLSError(err)
+	}
+	return tc, nil
+}
+
+func (c *serveConfig) apiTLSError(cause error) error {
+	why := "api_tls is on"
+	if c.APITLS != apiTLSOn {
+		why = fmt.Sprintf("api_listen %s is not a loopback address", c.APIListen)
+	}
+	return fmt.Errorf("config: %s, so the REST API must serve HTTPS and admit administrator certificates, "+
+		"but it has no usable TLS material: %w. Fix: install this node's certificate in %s (`hasan cluster init`, "+
+		"`hasan cluster cert` or `hasan cluster join`), or set api_tls_cert and api_tls_key to a certificate "+
+		"signed by the cluster CA, or set api_listen to %s", why, cause, c.tlsDir(), defaultAPIListen)
 }
 
 func (c *serveConfig) tlsDir() string      { return filepath.Join(c.DataDir, "tls") }
@@ -237,9 +316,15 @@ func newServeCmd() *cobra.Command {
   replication_advertise: 192.0.2.1:7401
   portal_listen: 0.0.0.0:3260       # iSCSI; a wildcard also answers on held VIPs
   vip_link: eth0                    # empty: VIPs are not managed
-  api_listen: 127.0.0.1:7402        # REST API; "off" disables it
-  failure_timeout: 800ms
+  api_listen: 127.0.0.1:7402        # REST API; "off" disables it. Loopback: plain HTTP, no
+                                    # authentication. Otherwise HTTPS admitting only
+                                    # certificates from 'hasan cluster cert --admin'
+  api_tls: auto                     # auto | on (TLS on loopback too)
+  api_tls_cert: ""                  # server certificate (cluster CA); default data_dir/tls/node.crt
+  api_tls_key: ""                   # its key; default data_dir/tls/node.key
+  failure_timeout: 700ms
   lease: 500ms                      # must be shorter than failure_timeout
+  leader_placement: true            # the Raft leader moves to the witness, so an owner's loss needs no election
   replica_ack_timeout: 1s           # a silent replica stalls writes this long, then leaves the ISR
 
 Create the cluster with 'hasan cluster init' on the first storage node.`,
@@ -345,6 +430,12 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("node", cfg.Node)
+	var apiTLS *tls.Config
+	if cfg.apiUsesTLS() {
+		if apiTLS, err = cfg.apiTLSConfig(); err != nil {
+			return nil, err
+		}
+	}
 	tlsCfg, err := loadNodeTLS(cfg)
 	if err != nil {
 		return nil, err
@@ -377,8 +468,9 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	s.run(ctx, "controller", func(ctx context.Context) error {
 		return node.RunController(ctx, func() *cluster.Controller {
 			return &cluster.Controller{
-				Config: cluster.ControllerConfig{Self: cfg.Node, FailureTimeout: cfg.FailureTimeout},
-				FSM:    node.FSM(), P: node, Logger: log,
+				Config: cluster.ControllerConfig{Self: cfg.Node, FailureTimeout: cfg.FailureTimeout,
+					NoLeaderPlacement: cfg.LeaderPlacement != nil && !*cfg.LeaderPlacement},
+				FSM: node.FSM(), P: node, Logger: log,
 				VerifyLeader: node.VerifyLeader,
 				Fencer: func(st *cluster.State) (cluster.Fencer, error) {
 					hist := &cluster.FenceHistory{P: node, FSM: node.FSM()}
@@ -399,7 +491,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 		return nil, err
 	}
 	if cfg.APIListen != "off" {
-		api, err := webui.New(webui.Config{Addr: cfg.APIListen, Logger: log}, webui.NewNodeService(node))
+		api, err := webui.New(webui.Config{Addr: cfg.APIListen, TLS: apiTLS, Logger: log}, webui.NewNodeService(node))
 		if err != nil {
 			return nil, fmt.Errorf("hasan: api: %w", err)
 		}

@@ -52,7 +52,7 @@ type Config struct {
 	Subnet netip.Prefix
 	// VolumeSize in bytes; default 1 GiB (thin).
 	VolumeSize int64
-	// FailureTimeout of the controller; default 800ms.
+	// FailureTimeout of the controller; default 700ms.
 	FailureTimeout time.Duration
 	// PowerOnAfter is how long a fenced node stays off before its
 	// simulated BMC powers it back on, as an operator would after a
@@ -97,9 +97,11 @@ type Node struct {
 	procEnd     chan struct{}
 }
 
-// API is the node's REST base URL.
+// API is the node's REST base URL. The API listens on the namespace's
+// address, not loopback, so it is HTTPS and admits the administrator
+// certificate in Cluster.AdminCerts only.
 func (n *Node) API() string {
-	return fmt.Sprintf("http://%s", net.JoinHostPort(n.Addr.String(), fmt.Sprint(apiPort)))
+	return fmt.Sprintf("https://%s", net.JoinHostPort(n.Addr.String(), fmt.Sprint(apiPort)))
 }
 
 func (n *Node) adminSocket() string { return filepath.Join(n.Dir, "admin.sock") }
@@ -113,6 +115,10 @@ type Cluster struct {
 	VIP    netip.Prefix
 	Nodes  []*Node
 	Volume string // UUID
+	// AdminCerts is the output of `hasan cluster cert --admin`: the
+	// --cert-dir for the hasan commands (and restCall's certificate).
+	AdminCerts string
+	api        *http.Client
 
 	mu       sync.Mutex
 	cleanups []func() error
@@ -151,7 +157,7 @@ func (cfg *Config) setDefaults() error {
 		cfg.VolumeSize = 1 << 30
 	}
 	if cfg.FailureTimeout == 0 {
-		cfg.FailureTimeout = 800 * time.Millisecond
+		cfg.FailureTimeout = 700 * time.Millisecond
 	}
 	if cfg.Out == nil {
 		cfg.Out = io.Discard
@@ -522,6 +528,15 @@ func (c *Cluster) startNodes(ctx context.Context) error {
 			return err
 		}
 	}
+	c.AdminCerts = filepath.Join(c.cfg.Dir, "admin")
+	if err := c.inNS(ctx, n1, "cluster", "cert", "--config", n1.Config, "--admin", "--node", "demo-admin", "--out", c.AdminCerts); err != nil {
+		return err
+	}
+	api, err := adminClient(c.AdminCerts)
+	if err != nil {
+		return err
+	}
+	c.api = api
 	if err := c.powerOn(n1); err != nil {
 		return err
 	}
@@ -589,10 +604,10 @@ func (c *Cluster) configure(ctx context.Context) error {
 		fmt.Sscan(port, &p)
 		dev := map[string]any{"type": "redfish", "timeout": "10s", "redfish": map[string]any{
 			"host": host, "port": p, "user": bmcUser, "password": n.bmcPassword, "ca_file": n.bmcCA, "system": "1"}}
-		if err := restCall(ctx, http.MethodPut, api+"/api/v1/fence-devices/bmc-"+n.ID, dev, nil); err != nil {
+		if err := c.restCall(ctx, http.MethodPut, api+"/api/v1/fence-devices/bmc-"+n.ID, dev, nil); err != nil {
 			return err
 		}
-		if err := restCall(ctx, http.MethodPut, api+"/api/v1/nodes/"+n.ID+"/fence",
+		if err := c.restCall(ctx, http.MethodPut, api+"/api/v1/nodes/"+n.ID+"/fence",
 			map[string]any{"levels": [][]string{{"bmc-" + n.ID}}}, nil); err != nil {
 			return err
 		}
@@ -600,16 +615,16 @@ func (c *Cluster) configure(ctx context.Context) error {
 	var vol struct {
 		UUID string `json:"uuid"`
 	}
-	if err := restCall(ctx, http.MethodPost, api+"/api/v1/volumes", map[string]any{
+	if err := c.restCall(ctx, http.MethodPost, api+"/api/v1/volumes", map[string]any{
 		"name": "demo", "size": c.cfg.VolumeSize, "thin": true, "replicas": []string{"n1", "n2"}}, &vol); err != nil {
 		return err
 	}
 	c.Volume = vol.UUID
-	if err := restCall(ctx, http.MethodPost, api+"/api/v1/targets", map[string]any{
+	if err := c.restCall(ctx, http.MethodPost, api+"/api/v1/targets", map[string]any{
 		"iqn": IQN, "luns": map[string]string{"0": vol.UUID}}, nil); err != nil {
 		return err
 	}
-	return restCall(ctx, http.MethodPost, api+"/api/v1/groups", map[string]any{
+	return c.restCall(ctx, http.MethodPost, api+"/api/v1/groups", map[string]any{
 		"name": groupName, "vips": []string{c.VIP.String()}, "targets": []string{IQN}, "preferred": []string{"n1", "n2"}}, nil)
 }
 
@@ -620,7 +635,7 @@ func (c *Cluster) Owner(ctx context.Context) string {
 		var g struct {
 			Owner string `json:"owner"`
 		}
-		if err := restCall(ctx, http.MethodGet, n.API()+"/api/v1/groups/"+groupName, nil, &g); err == nil {
+		if err := c.restCall(ctx, http.MethodGet, n.API()+"/api/v1/groups/"+groupName, nil, &g); err == nil {
 			return g.Owner
 		}
 	}
@@ -634,7 +649,7 @@ func (c *Cluster) inSync(ctx context.Context) bool {
 		ISR      []string `json:"isr"`
 	}
 	for _, n := range c.Nodes {
-		if err := restCall(ctx, http.MethodGet, n.API()+"/api/v1/volumes/"+c.Volume, nil, &v); err == nil {
+		if err := c.restCall(ctx, http.MethodGet, n.API()+"/api/v1/volumes/"+c.Volume, nil, &v); err == nil {
 			return len(v.Replicas) > 0 && len(v.ISR) == len(v.Replicas)
 		}
 	}
@@ -697,7 +712,7 @@ func (c *Cluster) watch(ctx context.Context) {
 				Kind     string    `json:"kind"`
 				Message  string    `json:"message"`
 			}
-			if err := restCall(ctx, http.MethodGet, n.API()+"/api/v1/events?limit=20", nil, &evs); err != nil {
+			if err := c.restCall(ctx, http.MethodGet, n.API()+"/api/v1/events?limit=20", nil, &evs); err != nil {
 				continue
 			}
 			for i := len(evs) - 1; i >= 0; i-- {
@@ -723,7 +738,7 @@ func (c *Cluster) watch(ctx context.Context) {
 				if err := c.powerOn(n); err != nil {
 					c.say("power on %s: %v", n.ID, err)
 				} else {
-					c.say("%s powered back on; once it is up, return it to service: hasan node online %s --api %s", n.ID, n.ID, c.Nodes[0].API())
+					c.say("%s powered back on; once it is up, return it to service: hasan node online %s --api %s --cert-dir %s", n.ID, n.ID, c.Nodes[0].API(), c.AdminCerts)
 				}
 				delete(off, n.ID)
 			}
@@ -742,14 +757,37 @@ func adminCall(ctx context.Context, socket, method, path string, in, out any) er
 	return doJSON(ctx, cl, method, "http://admin"+path, in, out)
 }
 
-func restCall(ctx context.Context, method, url string, in, out any) error {
+func (c *Cluster) restCall(ctx context.Context, method, url string, in, out any) error {
+	if c.api == nil {
+		return errors.New("democluster: REST API called before the admin certificate exists")
+	}
+	defer c.api.CloseIdleConnections()
+	return doJSON(ctx, c.api, method, url, in, out)
+}
+
+// adminClient is an HTTPS client presenting the administrator certificate
+// in dir and trusting the cluster CA's node certificates (which name
+// "hasan-cluster", not their address).
+func adminClient(dir string) (*http.Client, error) {
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
+	if err != nil {
+		return nil, fmt.Errorf("democluster: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, errors.New("democluster: admin ca.crt holds no certificate")
+	}
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, "node.crt"), filepath.Join(dir, "node.key"))
+	if err != nil {
+		return nil, fmt.Errorf("democluster: %w", err)
+	}
 	// A powered-off node's address does not answer at all: fail the dial
 	// fast so that callers move on to the next node.
-	cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DialContext: (&net.Dialer{Timeout: 500 * time.Millisecond}).DialContext,
-	}}
-	defer cl.CloseIdleConnections()
-	return doJSON(ctx, cl, method, url, in, out)
+		TLSClientConfig: &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair},
+			ServerName: "hasan-cluster", MinVersion: tls.VersionTLS12},
+	}}, nil
 }
 
 func doJSON(ctx context.Context, cl *http.Client, method, url string, in, out any) error {

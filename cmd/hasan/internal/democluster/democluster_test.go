@@ -173,7 +173,7 @@ func runDemoScenario(t *testing.T) {
 		Action  string `json:"action"`
 		Outcome string `json:"outcome"`
 	}
-	if err := restCall(ctx, http.MethodGet, c.Node(newOwner).API()+"/api/v1/fence-history", nil, &hist); err != nil {
+	if err := c.restCall(ctx, http.MethodGet, c.Node(newOwner).API()+"/api/v1/fence-history", nil, &hist); err != nil {
 		t.Fatal(err)
 	}
 	fenced := false
