@@ -221,7 +221,7 @@ func TestRandomCommandSequences(t *testing.T) {
 	defer func() {
 		// The generator must reach the interesting transitions, or the
 		// invariants are checked on nothing.
-		for _, k := range []Kind{KindVolumeCreate, KindTakeover, KindGroupGrant, KindGroupRelease, KindISRRemove, KindISRAdd, KindGroupMove, KindGroupConns, KindGroupMoveCancel} {
+		for _, k := range []Kind{KindVolumeCreate, KindTakeover, KindGroupGrant, KindGroupRelease, KindISRRemove, KindISRAdd, KindGroupMove, KindGroupConns, KindGroupMoveCancel, KindVolumeReplicas} {
 			if ok[k] == 0 && !t.Failed() {
 				t.Errorf("no successful %s in any sequence", k)
 			}
@@ -230,11 +230,17 @@ func TestRandomCommandSequences(t *testing.T) {
 	}()
 	for seed := range seeds {
 		rng := rand.New(rand.NewPCG(uint64(seed), 99))
+		// Replica-set changes come from their own stream, so the
+		// sequences above keep the draws the seeds were tuned on.
+		rng2 := rand.New(rand.NewPCG(uint64(seed), 7))
 		a := newApplier(t, fixtureCommands()...)
 		volEpoch := map[string]uint64{}
 		grpEpoch := map[string]uint64{}
 		for step := range 300 {
 			c := randomCommand(rng, a)
+			if rng2.IntN(12) == 0 {
+				c = randomReplicasCommand(rng2, a)
+			}
 			before := a.st.Clone()
 			_, err := a.apply(c)
 			fail := func(format string, args ...any) {
@@ -266,6 +272,21 @@ func TestRandomCommandSequences(t *testing.T) {
 				}
 				if ov, ok := before.Volumes[uuid]; ok && ov.Primary != v.Primary && v.Epoch <= ov.Epoch {
 					fail("volume %s primary changed without an epoch bump", uuid)
+				}
+				for i, n := range v.Replicas {
+					if slices.Index(v.Replicas, n) != i {
+						fail("volume %s lists replica %s twice: %v", uuid, n, v.Replicas)
+					}
+				}
+				if ov, ok := before.Volumes[uuid]; ok && err == nil && c.Kind == KindVolumeReplicas {
+					for _, n := range v.ISR {
+						if !slices.Contains(ov.ISR, n) {
+							fail("volume-replicas put %s into the ISR of %s without a catch-up", n, uuid)
+						}
+					}
+					if v.Primary != ov.Primary || v.Epoch != ov.Epoch {
+						fail("volume-replicas changed %s's primary or epoch", uuid)
+					}
 				}
 				if ov, ok := before.Volumes[uuid]; ok && ov.CreationGen != v.CreationGen {
 					fail("volume %s creation generation changed %#x -> %#x", uuid, ov.CreationGen, v.CreationGen)
@@ -335,6 +356,26 @@ func payload(c *Command) any {
 		}
 	}
 	return nil
+}
+
+// randomReplicasCommand is a volume-replicas command, mostly on nodes the
+// volume really has, so that some succeed.
+func randomReplicasCommand(rng *rand.Rand, a *applier) *Command {
+	nodes := []string{"a", "b", "c", "w", "x"}
+	vols := []string{u1, u2, u3}
+	pick := func(s []string) string { return s[rng.IntN(len(s))] }
+	uuid := pick(vols)
+	remove, add := pick(nodes), pick(nodes)
+	if v, ok := a.st.Volumes[uuid]; ok && rng.IntN(3) > 0 {
+		remove = pick(v.Replicas)
+	}
+	switch rng.IntN(4) {
+	case 0:
+		remove = ""
+	case 1:
+		add = ""
+	}
+	return cReplicas(uuid, remove, add)
 }
 
 func randomCommand(rng *rand.Rand, a *applier) *Command {

@@ -53,6 +53,11 @@ type serveConfig struct {
 	// closes that). Anywhere else it is HTTPS and admits only
 	// administrator certificates (webui/auth.go).
 	APIListen string `yaml:"api_listen"`
+	// APIAdvertise is the API address other nodes and the CLI are sent
+	// to (the leader's API in the X-Hasan-Leader header). Default:
+	// api_listen, or, when that is a wildcard, cluster_advertise's host
+	// with api_listen's port.
+	APIAdvertise string `yaml:"api_advertise"`
 	// APITLS is "auto" (the default: TLS exactly when api_listen is not
 	// loopback) or "on" (TLS on loopback too, e.g. behind an SSH tunnel
 	// shared by several users). There is no "off": a network-reachable
@@ -185,6 +190,11 @@ func (c *serveConfig) Validate() error {
 		if _, err := addr("api_listen", c.APIListen, false); err != nil {
 			return err
 		}
+		if a, err := addr("api_advertise", c.APIAdvertise, true); err != nil {
+			return err
+		} else if c.APIAdvertise != "" && (a.Addr().IsUnspecified() || a.Port() == 0) {
+			return fmt.Errorf("config: api_advertise %q: must be a dialable IP:port", c.APIAdvertise)
+		}
 	}
 	if c.APITLS != apiTLSAuto && c.APITLS != apiTLSOn {
 		return fmt.Errorf("config: api_tls %q: want auto or on", c.APITLS)
@@ -271,11 +281,29 @@ func (c *serveConfig) raftDir() string     { return filepath.Join(c.DataDir, "ra
 func (c *serveConfig) replicaDir() string  { return filepath.Join(c.DataDir, "replicas") }
 func (c *serveConfig) adminSocket() string { return filepath.Join(c.DataDir, "admin.sock") }
 
+// apiAdvertise is the API address recorded in the state: a wildcard
+// api_listen is no address anyone can dial.
+func (c *serveConfig) apiAdvertise() string {
+	if c.APIAdvertise != "" {
+		return c.APIAdvertise
+	}
+	host, port, err := net.SplitHostPort(c.APIListen)
+	if err != nil {
+		return c.APIListen
+	}
+	if ip, err := netip.ParseAddr(host); err == nil && ip.IsUnspecified() {
+		if ch, _, err := net.SplitHostPort(c.clusterAdvertise()); err == nil {
+			return net.JoinHostPort(ch, port)
+		}
+	}
+	return c.APIListen
+}
+
 // nodeInfo is how this node registers itself in the state.
 func (c *serveConfig) nodeInfo() cluster.NodeInfo {
 	n := cluster.NodeInfo{ID: c.Node, Role: cluster.Role(c.Role), RaftAddr: c.clusterAdvertise()}
 	if c.APIListen != "off" {
-		n.APIAddr = c.APIListen
+		n.APIAddr = c.apiAdvertise()
 	}
 	if n.Role == cluster.RoleStorage {
 		n.DataAddr = c.replicationAdvertise()
@@ -319,6 +347,8 @@ func newServeCmd() *cobra.Command {
   api_listen: 127.0.0.1:7402        # REST API; "off" disables it. Loopback: plain HTTP, no
                                     # authentication. Otherwise HTTPS admitting only
                                     # certificates from 'hasan cluster cert --admin'
+  api_advertise: ""                 # address the CLI is sent to; default api_listen, or
+                                    # cluster_advertise's host when api_listen is a wildcard
   api_tls: auto                     # auto | on (TLS on loopback too)
   api_tls_cert: ""                  # server certificate (cluster CA); default data_dir/tls/node.crt
   api_tls_key: ""                   # its key; default data_dir/tls/node.key

@@ -54,11 +54,27 @@ func TestServeConfigValidate(t *testing.T) {
 		{good + "portal_listen: nope\n", "portal_listen"},
 		{good + "api_listen: localhost\n", "api_listen"},
 		{good + "lease: 2s\n", "lease"},
+		{good + "api_advertise: 0.0.0.0:7402\n", "api_advertise"},
+		{good + "api_advertise: nope\n", "api_advertise"},
 		{good + "bogus: [\n", "c.yaml"},
 	} {
 		_, err := loadServeConfig(write(c.yaml))
 		if err == nil || !strings.Contains(err.Error(), c.field) {
 			t.Errorf("%q: error %v does not name %s", c.yaml, err, c.field)
+		}
+	}
+	// The API address recorded in the state is one a client can dial.
+	for _, c := range []struct{ extra, want string }{
+		{"", defaultAPIListen},
+		{"api_listen: 0.0.0.0:7402\napi_tls_cert: /c.pem\napi_tls_key: /k.pem\n", "192.0.2.1:7402"},
+		{"api_listen: 0.0.0.0:7402\napi_advertise: 198.51.100.7:443\napi_tls_cert: /c.pem\napi_tls_key: /k.pem\n", "198.51.100.7:443"},
+	} {
+		cfg, err := loadServeConfig(write(good + c.extra))
+		if err != nil {
+			t.Fatalf("%q: %v", c.extra, err)
+		}
+		if got := cfg.nodeInfo().APIAddr; got != c.want {
+			t.Errorf("%q: api address %q, want %q", c.extra, got, c.want)
 		}
 	}
 	// A witness needs no replication or portal address.
