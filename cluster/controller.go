@@ -604,7 +604,8 @@ func (c *Controller) Run(ctx context.Context) error {
 					defer wg.Done()
 					tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 					defer cancel()
-					if err := c.TransferLeader(tctx, to); err != nil {
+					if err := c.TransferLeader(tctx, to); err != nil && ctx.Err() == nil {
+						// ctx ends when leadership is gone: that is success.
 						log.Warn("cluster: leadership transfer failed; keeping leadership", "to", to, "err", err)
 					}
 				}()

@@ -14,15 +14,17 @@ import (
 // tail of the owner-power-loss figures). So the leader hands leadership to
 // the node whose loss costs least: a witness (its loss moves nothing),
 // else a storage node that serves nothing, never to a busier node than
-// itself. It only does so when the cluster is calm, and at most once per
-// cooldown, so leadership cannot ping-pong.
+// itself. It only does so when the cluster is calm. Leadership cannot
+// ping-pong: a transfer only ever goes to a strictly lower rank.
 const (
 	// leaderSettle: a new leader first runs this long, so that
 	// last-seen times and the groups' phases reflect the present.
 	leaderSettle = 3 * time.Second
-	// leaderTransferCooldown bounds how often a leader gives leadership
-	// away (a failed transfer included).
-	leaderTransferCooldown = 30 * time.Second
+	// leaderTransferRetry spaces a leader's attempts: a successful one
+	// ends its term (and its controller), so this is the retry interval
+	// after a failed one, e.g. to a node that came back and is still
+	// catching up on the log (raft gives up after an election timeout).
+	leaderTransferRetry = 5 * time.Second
 )
 
 // leaderRank orders nodes by how much their loss would cost while they
@@ -67,7 +69,7 @@ func (c *ControllerCore) leaderTarget(st *State, now time.Time) string {
 	if c.cfg.NoLeaderPlacement || self == "" || st.Maintenance || c.voters == nil {
 		return ""
 	}
-	if now.Sub(c.start) < leaderSettle || (!c.lastTransfer.IsZero() && now.Sub(c.lastTransfer) < leaderTransferCooldown) {
+	if now.Sub(c.start) < leaderSettle || (!c.lastTransfer.IsZero() && now.Sub(c.lastTransfer) < leaderTransferRetry) {
 		return ""
 	}
 	for id, t := range c.nodes {

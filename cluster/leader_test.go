@@ -25,7 +25,7 @@ func leaderStep(t *testing.T, c *ControllerCore, st *State, now time.Time, beats
 }
 
 // TestLeaderPlacement: the owner's controller hands leadership to the
-// witness once it has settled, then not again within the cooldown; it
+// witness once it has settled, then not again within the retry interval; it
 // falls back to a storage node that serves nothing when the witness is
 // not fresh or not a voter; never to a busier node, and never while the
 // cluster is not calm.
@@ -44,10 +44,10 @@ func TestLeaderPlacement(t *testing.T) {
 		t.Fatalf("transfer to %q, want the witness", to)
 	}
 	if to := leaderStep(t, c, st, at.Add(time.Second), all...); to != "" {
-		t.Fatalf("second transfer to %s within the cooldown", to)
+		t.Fatalf("second transfer to %s within the retry interval", to)
 	}
-	if to := leaderStep(t, c, st, at.Add(leaderTransferCooldown), all...); to != "w" {
-		t.Fatalf("after the cooldown: transfer to %q, want the witness", to)
+	if to := leaderStep(t, c, st, at.Add(leaderTransferRetry), all...); to != "w" {
+		t.Fatalf("after the retry interval: transfer to %q, want the witness", to)
 	}
 
 	// The witness heard from too long ago (still inside the failure

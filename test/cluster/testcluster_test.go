@@ -329,6 +329,15 @@ func (c *testCluster) WaitHealthy(t *testing.T, ctx context.Context) {
 		}
 		return true, nil
 	})
+	// Steady state includes leader placement: the witness leads, so an
+	// owner's loss needs no election (cluster/leader.go). A run started
+	// before that measures a cluster a few seconds old, not the product.
+	waitFor(t, ctx, 20*time.Second, "the witness to lead (leader placement)", func() (bool, error) {
+		if l := c.Leader(ctx); l != "w1" {
+			return false, fmt.Errorf("%q leads", l)
+		}
+		return true, nil
+	})
 	waitFor(t, ctx, 15*time.Second, "the portal on the VIP", func() (bool, error) {
 		dctx, dcancel := context.WithTimeout(ctx, 300*time.Millisecond)
 		defer dcancel()
