@@ -81,7 +81,11 @@ type quorumContact interface {
 //
 // Proof of contact: a follower that knows a leader uses the time it last
 // heard from it; a leader runs VerifyLeader (a heartbeat round to a quorum) and
-// uses the time the round started.
+// uses the time the round started. Either may also use Contact, the time a
+// majority of the voters last echoed its heartbeats (Node.QuorumContact),
+// which outlives the leader: when the leader (normally the witness) is lost,
+// an owner still in touch with a majority keeps serving instead of closing
+// every session for the length of an election.
 type SelfDemotion struct {
 	Raft    quorumContact
 	Lease   *Lease
@@ -91,6 +95,9 @@ type SelfDemotion struct {
 	Logger   *slog.Logger
 	// OnDemote, if set, is called after each demotion (tests, metrics).
 	OnDemote func(at time.Time)
+	// Contact, if set, returns a proof of quorum contact from outside
+	// raft (zero for none); see above.
+	Contact func() time.Time
 
 	verifying atomic.Bool
 	wg        sync.WaitGroup
@@ -142,6 +149,11 @@ func (d *SelfDemotion) Serving() bool { return d.Lease.Valid() }
 // succeeds. An isolated leader's round hangs until raft steps down, and the
 // lease must run out meanwhile.
 func (d *SelfDemotion) renew(ctx context.Context, _ time.Duration) {
+	if d.Contact != nil {
+		if at := d.Contact(); !at.IsZero() {
+			d.Lease.Renew(at)
+		}
+	}
 	switch d.Raft.State() {
 	case raft.Leader:
 		if !d.verifying.CompareAndSwap(false, true) {

@@ -133,6 +133,7 @@ type Node struct {
 	mu        sync.Mutex
 	heartbeat func(node string, at time.Time) // set while the controller runs
 	seen      map[string]time.Time
+	heard     map[string]time.Time // peer -> send time of its latest echoed beat (quorum.go)
 
 	closeOnce sync.Once
 	done      chan struct{} // closed by Close: stops Run's loops
@@ -459,7 +460,9 @@ func (n *Node) serveHeartbeat(c net.Conn) {
 		if k > 0 {
 			n.Heartbeat(peer, n.cfg.Clock.Now())
 			_ = c.SetWriteDeadline(time.Now().Add(n.cfg.HeartbeatInterval * 3))
-			if _, werr := c.Write(buf[:1]); werr != nil {
+			// Echo every beat: the sender matches echoes to beats to
+			// date its quorum contact (quorum.go).
+			if _, werr := c.Write(buf[:k]); werr != nil {
 				return
 			}
 		}
@@ -545,10 +548,12 @@ func (n *Node) runHeartbeats(ctx context.Context) {
 	defer t.Stop()
 	for {
 		var peers []string
+		ids := map[string]string{} // address -> id
 		if f := n.raft.GetConfiguration(); f.Error() == nil {
 			for _, s := range f.Configuration().Servers {
 				if string(s.ID) != n.cfg.ID {
 					peers = append(peers, string(s.Address))
+					ids[string(s.Address)] = string(s.ID)
 				}
 			}
 		}
@@ -565,7 +570,7 @@ func (n *Node) runHeartbeats(ctx context.Context) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					n.beatPeer(pctx, addr)
+					n.beatPeer(pctx, ids[addr], addr)
 				}()
 			}
 		}
@@ -591,10 +596,11 @@ func (n *Node) heartbeatStale() time.Duration { return n.cfg.HeartbeatInterval *
 // controller, once it leads, would declare this node failed and fence it.
 // Each peer has its own sender, so dialling a dead peer (which can take
 // the whole dial timeout) never delays the beats to the live ones.
-func (n *Node) beatPeer(ctx context.Context, addr string) {
+func (n *Node) beatPeer(ctx context.Context, id, addr string) {
 	type stream struct {
 		c        net.Conn
 		answered atomic.Int64 // unix nanoseconds of the last answer (or the dial)
+		beats    beatTimes
 	}
 	var cur *stream
 	drop := func() {
@@ -632,6 +638,11 @@ func (n *Node) beatPeer(ctx context.Context, addr string) {
 					if k > 0 {
 						s.answered.Store(time.Now().UnixNano())
 					}
+					for range k {
+						if at, ok := s.beats.pop(); ok && id != "" {
+							n.heardBy(id, at)
+						}
+					}
 					if err != nil {
 						return
 					}
@@ -640,6 +651,7 @@ func (n *Node) beatPeer(ctx context.Context, addr string) {
 			cur = s
 		}
 		_ = cur.c.SetWriteDeadline(time.Now().Add(n.cfg.HeartbeatInterval * 3))
+		cur.beats.push(time.Now())
 		if _, err := cur.c.Write([]byte{1}); err != nil {
 			drop()
 		}

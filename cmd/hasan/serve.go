@@ -597,7 +597,7 @@ func (s *server) startStorage(ctx context.Context, tlsCfg *tls.Config, o serveOp
 		log.Warn("hasan: no vip_link configured: floating IPs are not managed on this node")
 		vips = noVIPs{}
 	}
-	lease := &cluster.SelfDemotion{Raft: node.Raft(), Lease: cluster.NewLease(cfg.Lease, nil), Logger: log}
+	lease := &cluster.SelfDemotion{Raft: node.Raft(), Lease: cluster.NewLease(cfg.Lease, nil), Logger: log, Contact: node.QuorumContact}
 	targets := &cluster.TargetAdapter{Server: s.tsrv, Replicas: s.reps, FSM: node.FSM(), P: node, Logger: log}
 	s.agent = &cluster.Agent{
 		Self: cfg.Node, FSM: node.FSM(), P: node,

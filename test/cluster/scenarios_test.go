@@ -219,12 +219,11 @@ func scenarioStandby(t *testing.T, ctx context.Context, c *testCluster) {
 }
 
 // scenarioWitnessLoss: the witness loses power. Nothing changes: same
-// owner and epoch, no fence, no takeover. Leader placement normally makes
-// the witness the Raft leader, and then its loss pauses I/O for a lease
-// and an election (the owner stops serving once it has no leader to prove
-// quorum contact through), so the pause is held to the unplanned bound;
-// a witness that was a follower must not pause I/O beyond the steady
-// rhythm.
+// owner and epoch, no fence, no takeover, and I/O goes on with no pause
+// beyond its normal rhythm. Leader placement normally makes the witness
+// the Raft leader; the owner then keeps its serving lease through the
+// other storage node's heartbeat echoes (a majority with itself) while
+// the two elect a new leader, so it must not stop serving either.
 func scenarioWitnessLoss(t *testing.T, ctx context.Context, c *testCluster) {
 	st0, err := c.State(ctx)
 	if err != nil {
@@ -259,11 +258,8 @@ func scenarioWitnessLoss(t *testing.T, ctx context.Context, c *testCluster) {
 	}
 	t.Logf("witness loss (witness leading: %v): owner %s epoch %d unchanged, I/O pause %v (%s observed %v later)", led, g0.Owner, g0.Epoch,
 		gap.Round(time.Millisecond), st.Nodes["w1"].State, time.Since(offAt).Round(time.Millisecond))
-	if lim := steadyGap(t); !led && gap > lim {
-		t.Errorf("loss of a follower witness paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_STEADY_GAP overrides)", gap, lim)
-	}
-	if lim := maxGap(t); led && gap > lim {
-		t.Errorf("loss of the leading witness paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_GAP overrides)", gap, lim)
+	if lim := steadyGap(t); gap > lim {
+		t.Errorf("witness loss (leading: %v) paused I/O for %v, want at most %v (HASAN_CLUSTER_MAX_STEADY_GAP overrides)", led, gap, lim)
 	}
 }
 
