@@ -31,7 +31,11 @@ type PrimaryConfig struct {
 	// ALSlots bounds the activity log (regions). Regions stay in the log
 	// after their writes finish until the slots are needed, so a workload
 	// with locality pays one metadata write per newly touched region, not per
-	// write. Default DefaultALSlots, at most MaxALSlots.
+	// write; and a region leaves only once a flush that covers its writes
+	// has completed on this node and every connected replica (the primary
+	// issues one when the log is half full and a quarter of it unflushed,
+	// and a write to a new region waits for it when none can leave). Default
+	// DefaultALSlots, at most MaxALSlots.
 	ALSlots int
 	// ALPrefetch is how many regions a sequential stream brings into the
 	// activity log at once: when a write misses the log in region r while
@@ -72,9 +76,17 @@ type peer struct {
 	verified bool
 	inflight int    // resync chunks in flight
 	cursor   uint64 // next region to consider for resync
-	done     int64  // resync bytes copied since the last handshake
-	total    int64
-	lastErr  string
+	// copied holds regions whose resync chunk the replica acknowledged
+	// but has not yet made durable: their dirty bits are cleared only once
+	// a flush sent after that acknowledgement has completed there
+	// (syncFlush), so a power loss of the replica cannot lose a copied
+	// region whose bit is gone. The value orders acknowledgements against
+	// the flush (Primary.clock).
+	copied    map[uint64]uint64
+	syncFlush *op   // the flush that will clear copied regions' bits
+	done      int64 // resync bytes copied since the last handshake
+	total     int64
+	lastErr   string
 }
 
 type opKind uint8
@@ -85,6 +97,11 @@ const (
 	opVerify
 	opGen
 	opAL
+	// opFlush is a flush the primary issues for itself: with peer empty,
+	// the activity-log flush (locally and on every connected replica) that
+	// lets regions leave the activity log; with peer set, the flush on a
+	// resyncing replica that lets the dirty bits of copied regions clear.
+	opFlush
 )
 
 type op struct {
@@ -108,23 +125,45 @@ type op struct {
 	addGen  uint64 // opGen: generation being installed
 	forAdd  bool   // opGen: propose AddToISR once acked
 	release bool
+	// regions (opFlush) are the regions the flush makes durable: activity-
+	// log regions idle and unflushed when it was issued, or a peer's
+	// copied regions; cut is Primary.clock when it was issued: what
+	// happened up to then is covered.
+	regions []uint64
+	cut     uint64
 }
 
 // Primary is the primary's replication protocol as a pure state machine. It
 // performs no I/O: every event method records outputs that Ready returns.
 // It is not safe for concurrent use; the shell serializes calls.
 type Primary struct {
-	cfg         PrimaryConfig
-	meta        *Meta
-	isr         map[string]bool // committed ISR members other than Self
-	peers       map[string]*peer
-	order       []string
-	ops         map[uint64]*op // by token
-	bySeq       map[uint64]*op
-	queue       []*op // not yet issued (range conflict)
-	held        []*op // user requests held while fresh and an ISR member is unverified
-	active      []*op // issued, not released
-	alRefs      map[uint64]int
+	cfg    PrimaryConfig
+	meta   *Meta
+	isr    map[string]bool // committed ISR members other than Self
+	peers  map[string]*peer
+	order  []string
+	ops    map[uint64]*op // by token
+	bySeq  map[uint64]*op
+	queue  []*op // not yet issued (range conflict)
+	held   []*op // user requests held while fresh and an ISR member is unverified
+	active []*op // issued, not released
+	alRefs map[uint64]int
+	// unflushed holds the activity-log regions that a write or unmap was
+	// issued into since the last flush covering them completed on this
+	// node and every connected replica, with the clock when the last such
+	// op was issued. Such a region stays in the activity log: the write may
+	// still be only in a volatile cache (the page cache) of any node, and
+	// after a power loss that node's log, or the log copy it reports, is
+	// what says the region must be resynced. Regions loaded from the log at
+	// start are unflushed too (clock 0): nobody knows what reached the
+	// disks.
+	unflushed map[uint64]uint64
+	alFlush   *op // the activity-log flush in flight
+	// clock orders the issue of writes (unflushed) and the arrival of
+	// resync acknowledgements (peer.copied) against the flushes that cover
+	// them (op.cut). Tokens cannot: a request gets its token when proposed,
+	// and may be issued long after (queued behind an overlap).
+	clock       uint64
 	next        uint64 // token and sequence counter
 	ticks       int
 	fenced      error
@@ -132,7 +171,6 @@ type Primary struct {
 	rd          Ready
 	persistMeta bool // metadata other than the AL changed: durable before this Ready
 	persistAL   bool // the activity log changed: durable before this Ready
-	lazy        int  // cleared dirty bits not yet persisted
 }
 
 // NewPrimary builds the state machine from this node's metadata and the
@@ -162,6 +200,11 @@ func NewPrimary(cfg PrimaryConfig, meta *Meta, st MembershipState) (*Primary, er
 		ops:    make(map[uint64]*op),
 		bySeq:  make(map[uint64]*op),
 		alRefs: make(map[uint64]int),
+
+		unflushed: make(map[uint64]uint64),
+	}
+	for _, r := range meta.AL {
+		p.unflushed[r] = 0
 	}
 	meta.Epoch = st.Epoch
 	if meta.Gen == 0 {
@@ -222,7 +265,6 @@ func (p *Primary) Ready() Ready {
 		rd.Persist = p.meta.Clone()
 		rd.PersistMeta = true
 		p.persistMeta = false
-		p.lazy = 0
 	} else if p.persistAL {
 		// Only the activity log is needed: skip copying the bitmaps.
 		rd.Persist = &Meta{Volume: p.meta.Volume, Size: p.meta.Size, RegionSize: p.meta.RegionSize,
@@ -314,7 +356,7 @@ func (p *Primary) overlapsActive(o *op) bool {
 }
 
 func (p *Primary) enqueue(o *op) {
-	if len(p.queue) == 0 && !p.overlapsActive(o) {
+	if len(p.queue) == 0 && !p.overlapsActive(o) && p.alRoom(o) {
 		p.issue(o)
 		return
 	}
@@ -334,6 +376,7 @@ func (p *Primary) drainQueue() {
 				blocked = true
 			}
 		}
+		blocked = blocked || !p.alRoom(o)
 		if blocked {
 			keep = append(keep, o)
 			continue
@@ -369,6 +412,8 @@ func (p *Primary) markDirty(id string, lo, hi int64) {
 	}
 	a, b := p.regionsOf(lo, hi)
 	for r := a; r <= b; r++ {
+		// Dirty again: a copy made before does not count any more.
+		delete(p.peers[id].copied, r)
 		if pm.Dirty.Set(r) {
 			p.persistMeta = true
 			p.peers[id].total += p.regionLen(r)
@@ -386,8 +431,11 @@ const alStreamWindow = 8
 func (p *Primary) touchAL(lo, hi int64) {
 	a, b := p.regionsOf(lo, hi)
 	changed := false
+	var prefetched []uint64
+	p.clock++
 	for r := a; r <= b; r++ {
 		p.alRefs[r]++
+		p.unflushed[r] = p.clock
 		if i := slices.Index(p.meta.AL, r); i >= 0 {
 			p.meta.AL = append(slices.Delete(p.meta.AL, i, i+1), r)
 			continue
@@ -399,6 +447,7 @@ func (p *Primary) touchAL(lo, hi int64) {
 			for q := r + 1; q < r+uint64(p.cfg.ALPrefetch) && q < p.meta.Regions(); q++ {
 				if !slices.Contains(p.meta.AL, q) {
 					p.meta.AL = append(p.meta.AL, q)
+					prefetched = append(prefetched, q)
 				}
 			}
 		}
@@ -406,20 +455,161 @@ func (p *Primary) touchAL(lo, hi int64) {
 	if !changed {
 		return
 	}
-	// Evict the least recently used idle regions beyond the slot count.
+	// Evict the least recently used regions beyond the slot count that are
+	// idle and flushed everywhere (evictable).
 	for i := 0; len(p.meta.AL) > p.cfg.ALSlots && i < len(p.meta.AL); {
-		if p.alRefs[p.meta.AL[i]] == 0 {
+		if p.evictable(p.meta.AL[i]) {
 			p.meta.AL = slices.Delete(p.meta.AL, i, i+1)
 			continue
 		}
 		i++
 	}
+	// Prefetched regions are only a saving: give them up first when the
+	// log is full of regions that may not leave yet.
+	for len(p.meta.AL) > p.cfg.ALSlots && len(prefetched) > 0 {
+		q := prefetched[len(prefetched)-1]
+		prefetched = prefetched[:len(prefetched)-1]
+		if i := slices.Index(p.meta.AL, q); i >= 0 {
+			p.meta.AL = slices.Delete(p.meta.AL, i, i+1)
+		}
+	}
 	p.persistAL = true
+	// Flush ahead of need, so that writes to new regions rarely wait for
+	// one, and in steps of a quarter of the log, so that each flush has
+	// little to write back (a flush of a whole log's worth of dirty pages
+	// stalled a 128 KiB stream for tens of milliseconds): once the log is
+	// half full and a quarter of it is unflushed.
+	if step := max(1, p.cfg.ALSlots/4); len(p.meta.AL) >= p.cfg.ALSlots/2 && len(p.unflushed) >= step {
+		p.startALFlush()
+	}
 	// Replicas keep a copy so that, if this node dies, whichever of them is
 	// promoted knows which regions may differ among the survivors.
 	for _, id := range p.order {
 		if p.peers[id].mode == peerUp {
 			p.send(id, Message{Type: MsgAL, Regions: slices.Clone(p.meta.AL)})
+		}
+	}
+}
+
+// evictable reports whether region r may leave the activity log: no write
+// to it is in flight and a flush that covers its last write has completed
+// on this node and on every replica connected then.
+func (p *Primary) evictable(r uint64) bool {
+	_, dirty := p.unflushed[r]
+	return p.alRefs[r] == 0 && !dirty
+}
+
+// alRoom reports whether user op o can be issued without the activity log
+// growing beyond its slots plus the regions with writes in flight (those
+// may overflow it for a moment, as they always could: they leave as soon as
+// they are idle and flushed). If not, the log is held by idle regions still
+// waiting for a flush: o waits in the queue for one, which is started here.
+// With nothing a flush could free, o goes ahead.
+func (p *Primary) alRoom(o *op) bool {
+	if o.kind != opUser || o.hi <= o.lo || (o.req.Kind != ReqWrite && o.req.Kind != ReqUnmap) {
+		return true
+	}
+	a, b := p.regionsOf(o.lo, o.hi)
+	need := 0
+	for r := a; r <= b; r++ {
+		if !slices.Contains(p.meta.AL, r) {
+			need++
+		}
+	}
+	if need == 0 {
+		return true
+	}
+	free, unflushedIdle := p.cfg.ALSlots-len(p.meta.AL), 0
+	for _, r := range p.meta.AL {
+		_, unflushed := p.unflushed[r]
+		switch {
+		case p.alRefs[r] > 0:
+			free++ // in flight: may overflow the log
+		case !unflushed:
+			free++ // evictable
+		default:
+			unflushedIdle++
+		}
+	}
+	if need <= free || unflushedIdle == 0 {
+		return true
+	}
+	p.startALFlush()
+	return false
+}
+
+// startALFlush issues a flush on this node and every connected replica
+// that, once complete, lets the activity-log regions idle now leave the
+// log. At most one is in flight; another starts when one is needed again.
+func (p *Primary) startALFlush() {
+	if p.alFlush != nil || p.fenced != nil {
+		return
+	}
+	var regions []uint64
+	for r := range p.unflushed {
+		if p.alRefs[r] == 0 {
+			regions = append(regions, r)
+		}
+	}
+	if len(regions) == 0 {
+		return // everything unflushed has writes in flight: their release retries
+	}
+	slices.Sort(regions)
+	o := &op{token: p.nextID(), kind: opFlush, regions: regions, cut: p.clock}
+	p.ops[o.token] = o
+	p.alFlush = o
+	p.issue(o)
+}
+
+// startResyncFlush asks peer pe to make the resync chunks it acknowledged
+// durable, after which their dirty bits clear.
+func (p *Primary) startResyncFlush(pe *peer) {
+	if pe.syncFlush != nil || len(pe.copied) == 0 || pe.mode != peerUp || p.fenced != nil {
+		return
+	}
+	regions := make([]uint64, 0, len(pe.copied))
+	for r := range pe.copied {
+		regions = append(regions, r)
+	}
+	slices.Sort(regions)
+	o := &op{token: p.nextID(), kind: opFlush, peer: pe.id, regions: regions, cut: p.clock}
+	p.ops[o.token] = o
+	pe.syncFlush = o
+	p.issue(o)
+}
+
+// finishFlush applies a completed opFlush.
+func (p *Primary) finishFlush(o *op) {
+	if o.peer == "" {
+		p.alFlush = nil
+		if o.lerr != nil {
+			return
+		}
+		// Replicas that went down meanwhile did not flush, but they keep
+		// the log copy that names these regions (the one without them is
+		// sent only to connected replicas) and report it when they return.
+		for _, r := range o.regions {
+			if c, ok := p.unflushed[r]; ok && c <= o.cut {
+				delete(p.unflushed, r)
+			}
+		}
+		return
+	}
+	pe := p.peers[o.peer]
+	if pe.syncFlush == o {
+		pe.syncFlush = nil
+	}
+	if !o.acked[o.peer] {
+		return // the peer went down: the bits stay, the regions are copied again
+	}
+	pm := p.meta.Peers[o.peer]
+	for _, r := range o.regions {
+		if c, ok := pe.copied[r]; ok && c <= o.cut {
+			delete(pe.copied, r)
+			if pm != nil && pm.Dirty.Test(r) {
+				pm.Dirty.Clear(r)
+				p.persistMeta = true
+			}
 		}
 	}
 }
@@ -436,6 +626,18 @@ func (p *Primary) issue(o *op) {
 		p.issueUser(o)
 	case opResync:
 		p.rd.Local = append(p.rd.Local, LocalOp{Token: o.token, Kind: LocalRead, Off: o.lo, Len: o.hi - o.lo})
+	case opFlush:
+		if o.peer != "" {
+			o.local = true
+			p.track(o, o.peer, p.send(o.peer, Message{Type: MsgFlush}))
+			break
+		}
+		p.rd.Local = append(p.rd.Local, LocalOp{Token: o.token, Kind: LocalFlush})
+		for _, id := range p.order {
+			if p.peers[id].mode == peerUp {
+				p.track(o, id, p.send(id, Message{Type: MsgFlush}))
+			}
+		}
 	case opVerify:
 		p.rd.Local = append(p.rd.Local, LocalOp{Token: o.token, Kind: LocalSum, Off: o.lo, Len: o.hi - o.lo})
 		o.sums = make(map[string][]byte)
@@ -539,6 +741,11 @@ func (p *Primary) check(o *op) {
 		if p.allSentAcked(o) {
 			p.releaseOp(o)
 			p.afterGen(o)
+		}
+	case opFlush:
+		if o.local && p.allSentAcked(o) {
+			p.finishFlush(o)
+			p.releaseOp(o)
 		}
 	}
 }
@@ -669,6 +876,8 @@ func (p *Primary) PeerDown(id string, reason error) {
 	wasUp := pe.mode != peerDown
 	pe.mode = peerDown
 	pe.adding = false
+	// Copies it had not made durable may be lost: their bits stay.
+	pe.copied = nil
 	if wasUp {
 		p.rd.Disconnect = append(p.rd.Disconnect, id)
 	}
@@ -878,14 +1087,15 @@ func (p *Primary) Step(from string, m Message) {
 		switch o.kind {
 		case opResync:
 			if pm := p.meta.Peers[from]; pm != nil && pm.Dirty.Test(o.region) {
-				pm.Dirty.Clear(o.region)
-				pe.done += o.hi - o.lo
-				// Clearing late is safe (the region is merely copied
-				// again), so cleared bits are persisted in batches.
-				p.lazy++
-				if p.lazy >= 64 || pm.Dirty.Count() == 0 {
-					p.persistMeta = true
+				// The copy may still be only in the replica's volatile
+				// cache: its bit clears once a flush there covers it
+				// (finishFlush), in batches.
+				if pe.copied == nil {
+					pe.copied = make(map[uint64]uint64)
 				}
+				p.clock++
+				pe.copied[o.region] = p.clock
+				pe.done += o.hi - o.lo
 			}
 		case opVerify:
 			o.sums[from] = m.Data
@@ -948,6 +1158,7 @@ func (p *Primary) handshake(pe *peer, m Message) {
 	}
 	pe.mode = peerUp
 	pe.cursor = 0
+	pe.copied = nil
 	pe.done, pe.total = 0, p.dirtyBytes(id)
 	if m.Len < p.meta.Size {
 		p.send(id, Message{Type: MsgResize, Len: p.meta.Size})
@@ -1013,6 +1224,11 @@ func (p *Primary) pumpResync() {
 			pe.inflight++
 			p.issue(o)
 		}
+		// One flush on the replica per batch of copied regions, and one
+		// when nothing more is being copied.
+		if len(pe.copied) >= resyncFlushBatch || (len(pe.copied) > 0 && pe.inflight == 0) {
+			p.startResyncFlush(pe)
+		}
 		if pe.inflight == 0 && pm.Dirty.Count() == 0 && !pe.inISR && !pe.adding && !pe.removing {
 			// Caught up: install the current generation, then ask to rejoin.
 			pe.adding = true
@@ -1031,6 +1247,10 @@ func (p *Primary) pumpResync() {
 	}
 }
 
+// resyncFlushBatch is how many copied regions a resyncing replica makes
+// durable with one flush (64 MiB at the default region size).
+const resyncFlushBatch = 64
+
 func (p *Primary) nextResyncRegion(pe *peer, pm *PeerMeta) (uint64, bool) {
 	n := pm.Dirty.Len()
 	start := pe.cursor
@@ -1048,6 +1268,12 @@ func (p *Primary) nextResyncRegion(pe *peer, pm *PeerMeta) (uint64, bool) {
 		pe.cursor = r + 1
 		if pe.cursor >= n {
 			pe.cursor = 0
+		}
+		if _, ok := pe.copied[r]; ok {
+			if pe.cursor == start {
+				break
+			}
+			continue // copied, waiting for its flush
 		}
 		lo, hi := p.regionRange(r)
 		probe := &op{lo: lo, hi: hi}
@@ -1173,6 +1399,11 @@ func (o *op) describe() string {
 		return fmt.Sprintf("checksum of region %d", o.region)
 	case opGen:
 		return fmt.Sprintf("generation %x", o.addGen)
+	case opFlush:
+		if o.peer != "" {
+			return "resync flush"
+		}
+		return "activity-log flush"
 	}
 	return "operation"
 }

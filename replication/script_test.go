@@ -25,6 +25,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/*.txt with the actua
 //	expected output
 //	(blank line)
 type block struct {
+	comment  string // the comment lines before the command, kept by -rewrite
 	cmd      string
 	expected string
 	line     int
@@ -41,15 +42,21 @@ func parseScript(t *testing.T, path string) []block {
 	ln := 0
 	var cur *block
 	inOut := false
+	comment := ""
 	for sc.Scan() {
 		ln++
 		l := sc.Text()
 		switch {
 		case cur == nil:
-			if strings.TrimSpace(l) == "" || strings.HasPrefix(l, "#") {
+			if strings.HasPrefix(l, "#") {
+				comment += l + "\n"
 				continue
 			}
-			cur = &block{cmd: l, line: ln}
+			if strings.TrimSpace(l) == "" {
+				continue
+			}
+			cur = &block{comment: comment, cmd: l, line: ln}
+			comment = ""
 		case !inOut:
 			if l != "----" {
 				t.Fatalf("%s:%d: want ---- after command", path, ln)
@@ -83,7 +90,7 @@ func TestScripts(t *testing.T) {
 			for _, b := range blocks {
 				got := e.run(b.cmd)
 				if *rewrite {
-					fmt.Fprintf(&rewritten, "%s\n----\n%s\n", b.cmd, got)
+					fmt.Fprintf(&rewritten, "%s%s\n----\n%s\n", b.comment, b.cmd, got)
 					continue
 				}
 				if got != b.expected {
@@ -100,8 +107,11 @@ func TestScripts(t *testing.T) {
 }
 
 type hnode struct {
-	name     string
-	disk     []byte
+	name string
+	disk []byte
+	// flushed is what of disk survives a power loss: disk as of the last
+	// flush, plus FUA writes (the data file behind a volatile cache).
+	flushed  []byte
 	durable  *Meta
 	prim     *Primary
 	repl     *Replica
@@ -289,6 +299,23 @@ func (e *env) run(line string) string {
 			}
 		}
 		e.stabilize()
+	case "powerloss":
+		// A crash that also loses the node's volatile cache: its disk
+		// keeps only what was flushed (or written with FUA).
+		n := e.nodes[a["$0"]]
+		if n.flushed == nil {
+			n.flushed = make([]byte, len(n.disk))
+		}
+		n.disk = slices.Clone(n.flushed)
+		e.printf("%s: power lost: disk=%s al=%v", n.name, diskString(n.disk), n.durable.AL)
+		n.prim, n.repl, n.crashed = nil, nil, true
+		e.net.DropNode(n.name)
+		for _, o := range e.names {
+			if p := e.nodes[o].prim; p != nil {
+				p.PeerDown(n.name, errors.New("connection reset"))
+			}
+		}
+		e.stabilize()
 	case "restart":
 		n := e.nodes[a["$0"]]
 		n.crashed = false
@@ -339,7 +366,7 @@ func (e *env) run(line string) string {
 		if a["gen"] == "creation" {
 			m.Gen, m.Fresh = 0x100, true
 		}
-		n.disk, n.durable = make([]byte, len(n.disk)), m
+		n.disk, n.flushed, n.durable = make([]byte, len(n.disk)), nil, m
 	case "diskfail":
 		e.nodes[a["$0"]].diskFail = a["off"] == ""
 	case "corrupt":
@@ -404,7 +431,7 @@ func (e *env) processPrimary(n *hnode) bool {
 		if n.diskFail && l.Kind != LocalFlush {
 			err = errors.New("EIO")
 		} else {
-			data = applyIO(&n.disk, l.Kind, l.Off, l.Len, l.Data)
+			data = n.io(l.Kind, l.Off, l.Len, l.Data, l.FUA)
 		}
 		dones = append(dones, done{l.Token, err, data})
 	}
@@ -474,6 +501,22 @@ func (e *env) propose(n *hnode, pr Proposal) {
 	}
 }
 
+// io applies an operation to the node's disk and keeps its flushed image:
+// a flush makes everything durable, a FUA write itself.
+func (n *hnode) io(k LocalKind, off, ln int64, data []byte, fua bool) []byte {
+	if n.flushed == nil {
+		n.flushed = make([]byte, len(n.disk))
+	}
+	out := applyIO(&n.disk, k, off, ln, data)
+	switch {
+	case k == LocalFlush:
+		n.flushed = slices.Clone(n.disk)
+	case k == LocalWrite && fua, k == LocalResize:
+		applyIO(&n.flushed, k, off, ln, data)
+	}
+	return out
+}
+
 func applyIO(disk *[]byte, k LocalKind, off, n int64, data []byte) []byte {
 	d := *disk
 	switch k {
@@ -529,7 +572,7 @@ func (e *env) deliver(from, to string, m Message) {
 		if n.diskFail && io.Msg.Type != MsgFlush {
 			err = errors.New("EIO")
 		} else {
-			sum = applyIO(&n.disk, msgLocal[io.Msg.Type], io.Msg.Off, io.Msg.Len, io.Msg.Data)
+			sum = n.io(msgLocal[io.Msg.Type], io.Msg.Off, io.Msg.Len, io.Msg.Data, io.Msg.Flags&FlagFUA != 0)
 		}
 		if io.Msg.Type != MsgChecksum {
 			sum = nil

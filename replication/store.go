@@ -15,9 +15,50 @@ import (
 // Store is one replica's data: a sparse file (or block device) accessed
 // with pread/pwrite. It is safe for concurrent use on disjoint ranges.
 type Store struct {
-	f    *os.File
+	f    storeFile
 	path string
 	size atomic.Int64
+}
+
+// storeFile is what a Store does to its file, one system call each. In
+// production it is the OS file (osStoreFile); the tests substitute a model
+// of a volatile write cache (a crash loses whatever no fdatasync or DSYNC
+// write made durable) to check what survives a power loss.
+type storeFile interface {
+	pread(p []byte, off int64) (int, error)
+	// pwritev writes iov from off; with dsync (RWF_DSYNC) the data is
+	// durable on return. EOPNOTSUPP for dsync means: write, then datasync.
+	pwritev(iov [][]byte, off int64, dsync bool) (int, error)
+	datasync() error
+	punch(off, n int64) error
+	truncate(size int64) error
+	// seek is lseek with SEEK_DATA or SEEK_HOLE.
+	seek(off int64, whence int) (int64, error)
+	Close() error
+}
+
+type osStoreFile struct{ *os.File }
+
+func (f osStoreFile) pread(p []byte, off int64) (int, error) { return unix.Pread(int(f.Fd()), p, off) }
+
+func (f osStoreFile) pwritev(iov [][]byte, off int64, dsync bool) (int, error) {
+	flags := 0
+	if dsync {
+		flags = unix.RWF_DSYNC
+	}
+	return unix.Pwritev2(int(f.Fd()), iov, off, flags)
+}
+
+func (f osStoreFile) datasync() error { return unix.Fdatasync(int(f.Fd())) }
+
+func (f osStoreFile) punch(off, n int64) error {
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
+func (f osStoreFile) truncate(size int64) error { return f.Truncate(size) }
+
+func (f osStoreFile) seek(off int64, whence int) (int64, error) {
+	return unix.Seek(int(f.Fd()), off, whence)
 }
 
 // OpenStore opens or creates the data file at path with at least size bytes.
@@ -31,7 +72,7 @@ func OpenStore(path string, size int64) (*Store, error) {
 		f.Close()
 		return nil, fmt.Errorf("replication: stat %s: %w", path, err)
 	}
-	s := &Store{f: f, path: path}
+	s := &Store{f: osStoreFile{f}, path: path}
 	cur := st.Size()
 	if st.Mode()&os.ModeDevice != 0 {
 		if cur, err = f.Seek(0, io.SeekEnd); err != nil {
@@ -55,7 +96,7 @@ func (s *Store) Size() int64 { return s.size.Load() }
 // ReadAt fills p from off.
 func (s *Store) ReadAt(p []byte, off int64) error {
 	for len(p) > 0 {
-		n, err := unix.Pread(int(s.f.Fd()), p, off)
+		n, err := s.f.pread(p, off)
 		if err == unix.EINTR {
 			continue
 		}
@@ -80,20 +121,16 @@ func (s *Store) WriteAt(p []byte, off int64, fua bool) error {
 // pwritev where possible; with fua all of it is durable on return. iov's
 // slices may be modified (a short write advances them).
 func (s *Store) WriteVec(iov [][]byte, off int64, fua bool) error {
-	flags := 0
-	if fua {
-		flags = unix.RWF_DSYNC
-	}
 	for len(iov) > 0 {
 		if len(iov[0]) == 0 {
 			iov = iov[1:]
 			continue
 		}
-		n, err := unix.Pwritev2(int(s.f.Fd()), iov, off, flags)
+		n, err := s.f.pwritev(iov, off, fua)
 		if err == unix.EINTR {
 			continue
 		}
-		if err == unix.EOPNOTSUPP && flags != 0 {
+		if err == unix.EOPNOTSUPP && fua {
 			if err := s.WriteVec(iov, off, false); err != nil {
 				return err
 			}
@@ -120,7 +157,7 @@ func (s *Store) WriteVec(iov [][]byte, off int64, fua bool) error {
 
 // Sync makes completed writes durable (fdatasync).
 func (s *Store) Sync() error {
-	if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
+	if err := s.f.datasync(); err != nil {
 		return fmt.Errorf("replication: fdatasync %s: %w", s.path, err)
 	}
 	return nil
@@ -128,7 +165,7 @@ func (s *Store) Sync() error {
 
 // Punch deallocates [off, off+n); the range reads as zeros afterwards.
 func (s *Store) Punch(off, n int64) error {
-	err := unix.Fallocate(int(s.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	err := s.f.punch(off, n)
 	if err == nil {
 		return nil
 	}
@@ -151,7 +188,7 @@ func (s *Store) Grow(size int64) error {
 	if size <= s.size.Load() {
 		return nil
 	}
-	if err := s.f.Truncate(size); err != nil {
+	if err := s.f.truncate(size); err != nil {
 		return fmt.Errorf("replication: grow %s to %d: %w", s.path, size, err)
 	}
 	s.size.Store(size)
@@ -182,8 +219,7 @@ func (s *Store) MapStatus(off int64) (bool, int64, error) {
 	if off < 0 || off >= size {
 		return false, 0, fmt.Errorf("replication: map status at %d beyond size %d", off, size)
 	}
-	fd := int(s.f.Fd())
-	data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	data, err := s.f.seek(off, unix.SEEK_DATA)
 	if err == unix.ENXIO {
 		return false, size - off, nil
 	}
@@ -193,7 +229,7 @@ func (s *Store) MapStatus(off int64) (bool, int64, error) {
 	if data > off {
 		return false, min(data, size) - off, nil
 	}
-	hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
+	hole, err := s.f.seek(off, unix.SEEK_HOLE)
 	if err != nil {
 		return true, size - off, nil
 	}
@@ -258,7 +294,12 @@ type LocalOptions struct {
 const DefaultRegionSize = 1 << 20
 
 // OpenLocal opens the replica in o.Dir, creating it if it does not exist.
-func OpenLocal(o LocalOptions) (*Local, error) {
+func OpenLocal(o LocalOptions) (*Local, error) { return openLocal(o, OpenStore) }
+
+// openLocal is OpenLocal with the data file opened by openStore (the tests
+// open a model of a volatile write cache; the metadata and activity-log
+// files are always real files, written durably).
+func openLocal(o LocalOptions, openStore func(path string, size int64) (*Store, error)) (*Local, error) {
 	if o.RegionSize == 0 {
 		o.RegionSize = DefaultRegionSize
 	}
@@ -303,7 +344,7 @@ func OpenLocal(o LocalOptions) (*Local, error) {
 		return nil, err
 	}
 	m.AL = al
-	st, err := OpenStore(filepath.Join(o.Dir, o.Volume+".img"), m.Size)
+	st, err := openStore(filepath.Join(o.Dir, o.Volume+".img"), m.Size)
 	if err != nil {
 		a.Close()
 		return nil, err
