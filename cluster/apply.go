@@ -52,7 +52,7 @@ func (s *State) Apply(c *Command) (any, error) {
 		if c.NodeRemove == nil {
 			break
 		}
-		return nil, s.nodeRemove(c.NodeRemove)
+		return nil, s.nodeRemove(c, c.NodeRemove)
 	case KindNodeSetState:
 		if c.NodeSetState == nil {
 			break
@@ -198,6 +198,11 @@ func (s *State) Apply(c *Command) (any, error) {
 			break
 		}
 		return s.volumeReplicas(c, c.VolumeReplicas)
+	case KindCertRevoke:
+		if c.CertRevoke == nil {
+			break
+		}
+		return nil, s.certRevoke(c, c.CertRevoke)
 	default:
 		return nil, invalidf("unknown kind %s", c.Kind)
 	}
@@ -269,7 +274,7 @@ func (s *State) validateNode(n *NodeInfo) error {
 			return err
 		}
 	}
-	return nil
+	return s.validateNodeCerts(n)
 }
 
 func (s *State) validateTopology(node string, t fencing.NodeTopology) error {
@@ -297,8 +302,9 @@ func (s *State) nodeAdd(c *Command, n NodeInfo) error {
 	return nil
 }
 
-func (s *State) nodeRemove(cmd *NodeRemoveCmd) error {
-	if _, ok := s.Nodes[cmd.ID]; !ok {
+func (s *State) nodeRemove(c *Command, cmd *NodeRemoveCmd) error {
+	n, ok := s.Nodes[cmd.ID]
+	if !ok {
 		return fmt.Errorf("%w: node %s", ErrNotFound, cmd.ID)
 	}
 	if g := s.OwnedGroups(cmd.ID); len(g) > 0 {
@@ -314,6 +320,9 @@ func (s *State) nodeRemove(cmd *NodeRemoveCmd) error {
 			return fmt.Errorf("%w: group %s is moving to node %s", ErrInUse, name, cmd.ID)
 		}
 	}
+	// The removed node's certificates stop working everywhere; a node
+	// that rejoins under this id gets a new certificate (revoke.go).
+	s.revokeNodeCerts(c, n)
 	delete(s.Nodes, cmd.ID)
 	for _, g := range s.Groups {
 		g.Preferred = slices.DeleteFunc(g.Preferred, func(n string) bool { return n == cmd.ID })

@@ -431,6 +431,8 @@ func TestApplyTable(t *testing.T) {
 			}
 		}},
 		{name: "volume replicas primary", cmd: cReplicas(u2, "a", ""), want: ErrInUse},
+		// certificates (the rules: revoke_test.go)
+		{name: "cert revoke", cmd: &Command{Kind: KindCertRevoke, CertRevoke: &CertRevokeCmd{Serial: "1a2b", CN: "alice", OU: AdminOU}}},
 		// malformed
 		{name: "unknown kind", cmd: &Command{Kind: kindEnd}, want: ErrInvalid},
 		{name: "missing payload", cmd: &Command{Kind: KindTakeover}, want: ErrInvalid},

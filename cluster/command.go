@@ -49,6 +49,7 @@ const (
 	KindGroupMoveCancel
 	KindFenceConfirm
 	KindVolumeReplicas
+	KindCertRevoke
 	kindEnd
 )
 
@@ -58,7 +59,7 @@ var kindNames = [...]string{
 	"target-put", "target-delete", "group-put", "group-delete", "group-grant",
 	"group-move", "group-release", "takeover", "pr-save", "fence-device-put",
 	"fence-device-delete", "fence-record", "event", "maintenance", "token-issue", "join",
-	"group-conns", "group-move-cancel", "fence-confirm", "volume-replicas",
+	"group-conns", "group-move-cancel", "fence-confirm", "volume-replicas", "cert-revoke",
 }
 
 func (k Kind) String() string {
@@ -107,6 +108,7 @@ type Command struct {
 	GroupMoveCancel   *GroupMoveCancelCmd
 	FenceConfirm      *FenceConfirmCmd
 	VolumeReplicas    *VolumeReplicasCmd
+	CertRevoke        *CertRevokeCmd
 }
 
 // stamp fills in what the proposer chooses so that every node applies the

@@ -386,11 +386,20 @@ func (n *Node) bootstrap(ctx context.Context, req *bootstrapRequest) (cert, caKe
 	if exists {
 		return nil, nil, fmt.Errorf("%w: node %s", ErrExists, req.Node.ID)
 	}
-	if err := n.admitAnywhere(ctx, req.Secret, req.Node); err != nil {
-		return nil, nil, err
-	}
+	// Signed before the admission so that the JoinCmd records the
+	// serial, which node-remove revokes (revoke.go). A certificate whose
+	// admission fails is never sent, so nobody holds it.
 	cert, err = n.cfg.CA.SignCSR(req.CSR, req.Node.ID, n.cfg.Clock.Now(), NodeCertValidity)
 	if err != nil {
+		return nil, nil, err
+	}
+	info, err := ParseCertInfo(cert)
+	if err != nil {
+		return nil, nil, err
+	}
+	nd := req.Node
+	nd.CertSerials = []string{info.Serial}
+	if err := n.admitAnywhere(ctx, req.Secret, nd); err != nil {
 		return nil, nil, err
 	}
 	if req.Node.Role == RoleStorage {

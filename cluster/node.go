@@ -200,6 +200,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		m.handle(tagHeartbeat, n.serveHeartbeat)
 		m.handle(tagBootstrap, n.serveBootstrap)
 		m.handle(tagAdmit, n.serveAdmit)
+		m.watchRevocations(n.fsm)
 		m.start()
 		nt := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 			Stream: m, MaxPool: 3, Timeout: 2 * time.Second, Logger: hlog,

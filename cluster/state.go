@@ -55,6 +55,10 @@ type NodeInfo struct {
 	// Fence is the node's fencing topology: levels of device names.
 	Fence    fencing.NodeTopology `json:"fence"`
 	JoinedAt time.Time            `json:"joined_at"`
+	// CertSerials are the serials (CertSerial form) of the certificates
+	// issued to this node that the cluster knows of: node-remove revokes
+	// them (revoke.go). Empty for a node added before they were recorded.
+	CertSerials []string `json:"cert_serials,omitempty"`
 }
 
 // Volume is one replicated volume and its ownership. Primary, ISR and Epoch
@@ -255,7 +259,10 @@ type State struct {
 	// it is off; the manual fence device waits for one made after its
 	// request.
 	FenceConfirms map[string]FenceConfirmation `json:"fence_confirmations,omitempty"`
-	Index         uint64                       `json:"index"` // last applied raft index
+	// RevokedCerts are the certificates no node accepts any more, by
+	// serial (revoke.go).
+	RevokedCerts map[string]RevokedCert `json:"revoked_certs,omitempty"`
+	Index        uint64                 `json:"index"` // last applied raft index
 }
 
 // NewState returns an empty state.
@@ -269,6 +276,7 @@ func NewState() *State {
 		FenceDevices:  map[string]*FenceDevice{},
 		Tokens:        map[string]*Token{},
 		FenceConfirms: map[string]FenceConfirmation{},
+		RevokedCerts:  map[string]RevokedCert{},
 	}
 }
 
@@ -298,6 +306,9 @@ func (s *State) normalize() {
 	if s.FenceConfirms == nil {
 		s.FenceConfirms = map[string]FenceConfirmation{}
 	}
+	if s.RevokedCerts == nil {
+		s.RevokedCerts = map[string]RevokedCert{}
+	}
 }
 
 // Clone returns a deep copy.
@@ -312,6 +323,7 @@ func (s *State) Clone() *State {
 		Tokens:        make(map[string]*Token, len(s.Tokens)),
 		FenceHistory:  slices.Clone(s.FenceHistory),
 		FenceConfirms: maps.Clone(s.FenceConfirms),
+		RevokedCerts:  maps.Clone(s.RevokedCerts),
 		Events:        slices.Clone(s.Events),
 		EventSeq:      s.EventSeq,
 		Maintenance:   s.Maintenance,
@@ -346,6 +358,7 @@ func (s *State) Clone() *State {
 
 func (n *NodeInfo) clone() *NodeInfo {
 	c := *n
+	c.CertSerials = slices.Clone(n.CertSerials)
 	c.Fence.Levels = make([][]string, len(n.Fence.Levels))
 	for i, l := range n.Fence.Levels {
 		c.Fence.Levels[i] = slices.Clone(l)

@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/gob"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -45,6 +47,16 @@ type muxLayer struct {
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{} // accepted connections in handlers, closed by Close
+	// peers are the open accepted connections that presented a
+	// certificate (raft's included), by its serial: closeRevoked ends
+	// those whose certificate the state revokes.
+	peers map[*peekedConn]string
+
+	// guard refuses revoked certificates at the handshake, both ways,
+	// once watchRevocations attached the node's FSM.
+	guard      CertGuard
+	ownSerial  string
+	ownRevoked atomic.Bool // logged once
 }
 
 var _ raft.StreamLayer = (*muxLayer)(nil)
@@ -53,7 +65,14 @@ func newMuxLayer(bind string, advertise net.Addr, cfg *tls.Config, log *slog.Log
 	// A client certificate is optional at the handshake only so that a
 	// new node can reach the bootstrap stream; one that is presented must
 	// still verify, and route refuses every other stream without one.
-	lcfg := cfg.Clone()
+	m := &muxLayer{log: log, raftConns: make(chan net.Conn), handlers: map[byte]func(net.Conn){},
+		done: make(chan struct{}), conns: map[net.Conn]struct{}{}, peers: map[*peekedConn]string{}}
+	if len(cfg.Certificates) > 0 && len(cfg.Certificates[0].Certificate) > 0 {
+		if leaf, err := x509.ParseCertificate(cfg.Certificates[0].Certificate[0]); err == nil {
+			m.ownSerial = CertSerial(leaf)
+		}
+	}
+	lcfg := m.guard.Protect(cfg)
 	lcfg.ClientAuth = tls.VerifyClientCertIfGiven
 	ln, err := tls.Listen("tcp", bind, lcfg)
 	if err != nil {
@@ -62,10 +81,64 @@ func newMuxLayer(bind string, advertise net.Addr, cfg *tls.Config, log *slog.Log
 	if advertise == nil {
 		advertise = ln.Addr()
 	}
-	m := &muxLayer{ln: ln, advertise: advertise, tls: cfg, log: log,
-		raftConns: make(chan net.Conn), handlers: map[byte]func(net.Conn){}, done: make(chan struct{}),
-		conns: map[net.Conn]struct{}{}}
+	// Dialling checks the server's certificate too: a peer whose
+	// certificate was revoked is not one to send proposals or beats to.
+	m.ln, m.advertise, m.tls = ln, advertise, m.guard.Protect(cfg)
 	return m, nil
+}
+
+// watchRevocations makes the listener consult f's revocation list (call
+// before start) and closes, after every change of f, the open connections
+// whose certificate it revokes: a removed node's raft and heartbeat
+// streams end at once instead of living on. It runs until Close.
+func (m *muxLayer) watchRevocations(f *FSM) {
+	m.guard.Attach(f)
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		for {
+			ch := f.Changed()
+			m.closeRevoked(f)
+			select {
+			case <-ch:
+			case <-m.done:
+				return
+			}
+		}
+	}()
+}
+
+// closeRevoked closes every tracked peer connection whose certificate f
+// revokes.
+func (m *muxLayer) closeRevoked(f *FSM) {
+	var victims []*peekedConn
+	f.Read(func(s *State) {
+		if len(s.RevokedCerts) == 0 {
+			return
+		}
+		if m.ownSerial != "" && s.CertRevoked(m.ownSerial) && !m.ownRevoked.Swap(true) {
+			m.log.Error("cluster: this node's own certificate is revoked: peers refuse it "+
+				"(it was removed from the cluster, or an operator revoked it)", "serial", m.ownSerial)
+		}
+		m.mu.Lock()
+		for pc, serial := range m.peers {
+			if s.CertRevoked(serial) {
+				victims = append(victims, pc)
+			}
+		}
+		m.mu.Unlock()
+	})
+	for _, pc := range victims {
+		m.log.Warn("cluster: closing a connection whose certificate was revoked",
+			"remote", pc.RemoteAddr(), "serial", m.serialOf(pc))
+		pc.Close()
+	}
+}
+
+func (m *muxLayer) serialOf(pc *peekedConn) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.peers[pc]
 }
 
 // handle registers a handler; call before start.
@@ -124,7 +197,10 @@ func (m *muxLayer) route(c net.Conn) {
 		return
 	}
 	_ = tc.SetDeadline(time.Time{})
-	pc := &peekedConn{Conn: tc, r: br}
+	pc := &peekedConn{Conn: tc, r: br, m: m}
+	if !m.trackPeer(pc) {
+		return
+	}
 	if h, ok := m.handlers[tag[0]]; ok {
 		_, _ = br.Discard(1)
 		h(pc)
@@ -147,6 +223,24 @@ func (m *muxLayer) track(c net.Conn) bool {
 	default:
 	}
 	m.conns[c] = struct{}{}
+	return true
+}
+
+// trackPeer registers a connection that presented a certificate, unless
+// that certificate was revoked since the handshake (then it is closed).
+func (m *muxLayer) trackPeer(pc *peekedConn) bool {
+	cs := pc.Conn.ConnectionState()
+	if len(cs.PeerCertificates) == 0 {
+		return true // the bootstrap stream: nothing to revoke
+	}
+	if err := m.guard.VerifyConnection(cs); err != nil {
+		m.log.Warn("cluster: stream refused", "remote", pc.RemoteAddr(), "err", err)
+		pc.Conn.Close()
+		return false
+	}
+	m.mu.Lock()
+	m.peers[pc] = CertSerial(cs.PeerCertificates[0])
+	m.mu.Unlock()
 	return true
 }
 
@@ -207,9 +301,18 @@ func (m *muxLayer) dialTagged(ctx context.Context, addr string, tag byte) (net.C
 type peekedConn struct {
 	*tls.Conn
 	r *bufio.Reader
+	m *muxLayer
 }
 
 func (p *peekedConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+
+// Close forgets the connection in the mux's peer table.
+func (p *peekedConn) Close() error {
+	p.m.mu.Lock()
+	delete(p.m.peers, p)
+	p.m.mu.Unlock()
+	return p.Conn.Close()
+}
 
 // ConnectionState lets PeerID see through the wrapper.
 func (p *peekedConn) ConnectionState() tls.ConnectionState { return p.Conn.ConnectionState() }
@@ -238,6 +341,7 @@ var wireErrors = map[string]error{
 	"stale-epoch": replication.ErrStaleEpoch, "not-primary": replication.ErrNotPrimary,
 	"not-caught-up": replication.ErrNotCaughtUp, "not-in-isr": replication.ErrNotInISR,
 	"unknown-volume": replication.ErrUnknownVolume, "forbidden": ErrForbidden,
+	"cert-revoked": ErrCertRevoked,
 }
 
 func errorCode(err error) string {

@@ -126,6 +126,19 @@ func (s *Server) authenticate() gin.HandlerFunc {
 				leaf.Subject.CommonName, cluster.AdminOU, AdminCertHint)})
 			return
 		}
+		// Checked on every request, not only at the handshake: a keep-alive
+		// connection opened before the revocation must not outlive it.
+		if rv, ok := s.svc.(certRevoker); ok {
+			if serial := cluster.CertSerial(leaf); rv.CertRevoked(serial) {
+				s.log.Warn("webui: revoked certificate refused", "admin", leaf.Subject.CommonName, "serial", serial,
+					"method", c.Request.Method, "path", c.Request.URL.Path, "remote", c.Request.RemoteAddr)
+				c.Header("Connection", "close")
+				c.AbortWithStatusJSON(http.StatusForbidden, errorBody{Error: fmt.Sprintf(
+					"certificate %q (serial %s) was revoked (`hasan cluster cert list`): %s",
+					leaf.Subject.CommonName, serial, AdminCertHint)})
+				return
+			}
+		}
 		c.Set(adminKey, leaf.Subject.CommonName)
 		if c.Request.Method != http.MethodGet && c.Request.Method != http.MethodHead {
 			// Who changed what: the only audit trail until the API keeps one.
@@ -135,3 +148,18 @@ func (s *Server) authenticate() gin.HandlerFunc {
 		c.Next()
 	}
 }
+
+// certRevoker is the optional capability of a Service that authenticate
+// asks about every client certificate: found by type assertion so that a
+// Service without revocation (tests' fakes) still works.
+type certRevoker interface {
+	// CertRevoked reports whether the certificate with this serial
+	// (cluster.CertSerial form) is revoked.
+	CertRevoked(serial string) bool
+}
+
+var _ certRevoker = (*NodeService)(nil)
+
+// CertRevoked reads the local replica of the cluster state's revocation
+// list (cert-revoke, node-remove).
+func (s *NodeService) CertRevoked(serial string) bool { return s.n.FSM().CertRevoked(serial) }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"sync"
 	"testing"
@@ -69,11 +70,18 @@ func newTestPKI(t *testing.T) *testPKI {
 // tests may use; the TLS mode is what a non-loopback api_listen forces.
 func startTLSServer(t *testing.T, p *testPKI) (*Server, *fakeService, *lockedBuffer) {
 	t.Helper()
+	f := newFake()
+	s, logs := startTLSServerWith(t, p, f)
+	return s, f, logs
+}
+
+// startTLSServerWith is startTLSServer serving svc.
+func startTLSServerWith(t *testing.T, p *testPKI, f Service) (*Server, *lockedBuffer) {
+	t.Helper()
 	tc, err := TLSConfig(p.ca.CertPEM, p.server[0], p.server[1])
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFake()
 	logs := &lockedBuffer{}
 	s, err := New(Config{Addr: "127.0.0.1:0", TLS: tc, ShutdownTimeout: time.Second,
 		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(logs, tWriter{t}), nil))}, f)
@@ -96,7 +104,7 @@ func startTLSServer(t *testing.T, p *testPKI) (*Server, *fakeService, *lockedBuf
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return s, f, logs
+	return s, logs
 }
 
 type lockedBuffer struct {
@@ -338,5 +346,153 @@ func TestTLSConfigChecks(t *testing.T) {
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
 			t.Errorf("%s: New = %v, want %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// revokingFake is the fake with the revocation capability NodeService
+// has: it answers from its state's RevokedCerts.
+type revokingFake struct{ *fakeService }
+
+func (f revokingFake) CertRevoked(serial string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.st.CertRevoked(serial)
+}
+
+func (f revokingFake) revoke(c tls.Certificate) {
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		panic(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.st.RevokedCerts[cluster.CertSerial(leaf)] = cluster.RevokedCert{Serial: cluster.CertSerial(leaf), CN: leaf.Subject.CommonName}
+}
+
+// TestRevokedAdminRefused: once an admin certificate is revoked, every
+// request made with it is refused with 403, including the next request on
+// a keep-alive connection opened before the revocation, and nothing
+// reaches the service; another admin certificate still works.
+func TestRevokedAdminRefused(t *testing.T) {
+	p := newTestPKI(t)
+	f := revokingFake{newFake()}
+	s, logs := startTLSServerWith(t, p, f)
+	base := "https://" + s.Addr().String()
+	const write = "/api/v1/cluster/maintenance"
+
+	c := p.client(&p.admin)
+	var reused []bool
+	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = append(reused, i.Reused) }}
+	do := func(method, path string) (int, string) {
+		t.Helper()
+		var body io.Reader
+		if method == "PUT" {
+			body = strings.NewReader(`{"on":true}`)
+		}
+		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, base+path, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if status, body := do("GET", "/api/v1/nodes"); status != http.StatusOK {
+		t.Fatalf("before revocation: %d %s", status, body)
+	}
+	f.revoke(p.admin)
+	f.mu.Lock()
+	f.calls = nil
+	f.mu.Unlock()
+
+	status, body := do("PUT", write)
+	if status != http.StatusForbidden || !strings.Contains(body, "revoked") || !strings.Contains(body, `\"alice\"`) {
+		t.Fatalf("revoked admin PUT: %d %s", status, body)
+	}
+	if len(reused) != 2 || !reused[1] {
+		t.Fatalf("the refused request did not reuse the connection opened before the revocation: %v", reused)
+	}
+	if status, body := do("GET", "/api/v1/nodes"); status != http.StatusForbidden {
+		t.Fatalf("revoked admin GET: %d %s", status, body)
+	}
+	f.mu.Lock()
+	calls, on := f.calls, f.st.Maintenance
+	f.mu.Unlock()
+	if len(calls) != 0 || on {
+		t.Fatalf("a revoked certificate reached the service: %v (maintenance %v)", calls, on)
+	}
+	if !strings.Contains(logs.String(), "revoked certificate refused") {
+		t.Fatal("refusal not logged")
+	}
+
+	oc, ok, err := p.ca.IssueAdmin("bob", time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := tls.X509KeyPair(oc, ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status, body, err := call(p.client(&other), "PUT", base+write); err != nil || status != http.StatusNoContent {
+		t.Fatalf("another admin: %d %s %v", status, body, err)
+	}
+}
+
+// TestCertGuardAtHandshake: with the server's tls.Config protected by a
+// cluster.CertGuard (how `hasan serve` can wire it), a revoked admin
+// certificate is refused in the TLS handshake itself, before any request.
+func TestCertGuardAtHandshake(t *testing.T) {
+	p := newTestPKI(t)
+	tc, err := TLSConfig(p.ca.CertPEM, p.server[0], p.server[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var guard cluster.CertGuard
+	loc := cluster.NewLocal(nil)
+	guard.Attach(loc.FSM)
+	f := newFake()
+	s, err := New(Config{Addr: "127.0.0.1:0", TLS: guard.Protect(tc), ShutdownTimeout: time.Second}, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-errc; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	for deadline := time.Now().Add(5 * time.Second); s.Addr() == nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("server did not listen")
+		}
+	}
+	url := "https://" + s.Addr().String() + "/api/v1/nodes"
+	if status, body, err := call(p.client(&p.admin), "GET", url); err != nil || status != http.StatusOK {
+		t.Fatalf("before revocation: %d %s %v", status, body, err)
+	}
+	leaf, err := x509.ParseCertificate(p.admin.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loc.Propose(ctx, &cluster.Command{Kind: cluster.KindCertRevoke,
+		CertRevoke: &cluster.CertRevokeCmd{Serial: cluster.CertSerial(leaf)}}); err != nil {
+		t.Fatal(err)
+	}
+	// A new connection: the handshake fails (TLS 1.3 reports it to the
+	// client on its first read, so the request errors).
+	status, body, err := call(p.client(&p.admin), "GET", url)
+	if err == nil || !strings.Contains(err.Error(), "tls: ") {
+		t.Fatalf("revoked admin at the handshake: %d %s %v", status, body, err)
+	}
+	if status, body, err := call(p.client(nil), "GET", "https://"+s.Addr().String()+"/healthz"); err != nil || status != http.StatusOK {
+		t.Fatalf("healthz without a certificate: %d %s %v", status, body, err)
 	}
 }

@@ -133,7 +133,10 @@ func clusterInit(ctx context.Context, cfg *serveConfig, name string) error {
 	defer node.Close()
 	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	return node.Bootstrap(bctx, cfg.nodeInfo())
+	self := cfg.nodeInfo()
+	// Recorded so that removing this node later revokes its certificate.
+	self.CertSerials = certSerials(cert)
+	return node.Bootstrap(bctx, self)
 }
 
 func newClusterCertCmd() *cobra.Command {
@@ -156,9 +159,10 @@ func newClusterCertCmd() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "certificate for %s written to %s\n", id, out)
-			return nil
+			return printIssuedSerial(cmd.OutOrStdout(), filepath.Join(out, nodeCertFile))
 		},
 	}
+	c.AddCommand(newClusterCertRevokeCmd(), newClusterCertListCmd())
 	c.Flags().StringVar(&config, "config", "/etc/hasan/hasan.yaml", "configuration of the node holding the CA key")
 	c.Flags().StringVar(&id, "node", "", "id of the new node")
 	c.Flags().StringVar(&out, "out", "", "directory to write ca.crt, node.crt and node.key to")
@@ -279,6 +283,11 @@ func newClusterJoinCmd() *cobra.Command {
 			}
 			if via != "" {
 				req := joinRequest{Token: strings.TrimSpace(token), Node: cfg.nodeInfo()}
+				// The certificate this node serves with (from `hasan cluster
+				// cert`), recorded so that removing the node revokes it.
+				if p, err := os.ReadFile(filepath.Join(cfg.tlsDir(), nodeCertFile)); err == nil {
+					req.Node.CertSerials = certSerials(p)
+				}
 				if err := adminCall(cmd.Context(), via, http.MethodPost, "/join", req, nil); err != nil {
 					return err
 				}
@@ -458,6 +467,7 @@ func (s *server) startAdmin(ctx context.Context) error {
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"joined": req.Node.ID})
 	})
+	mux.HandleFunc("POST /cert/revoke", s.adminCertRevoke)
 	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
 	s.srvWG.Add(1)
