@@ -339,9 +339,10 @@ func (c *apiClient) transportError(base string, err error) error {
 		return fmt.Errorf("hasan: the API at %s: %w", base, sce)
 	case strings.Contains(msg, "remote error: tls:"):
 		// The server's handshake refused our certificate: another CA,
-		// expired, or not a client certificate.
+		// expired, revoked, or not a client certificate.
 		return fmt.Errorf("hasan: the API at %s refused the client certificate in --cert-dir %s (%w): it must be "+
-			"signed by this cluster's CA and still valid; make one with `hasan cluster cert --admin --node NAME --out DIR`",
+			"signed by this cluster's CA, still valid and not revoked (`hasan cluster cert list` on a node shows revoked ones); "+
+			"make one with `hasan cluster cert --admin --node NAME --out DIR`",
 			base, c.certDir, err)
 	case errors.Is(err, http.ErrSchemeMismatch):
 		return fmt.Errorf("hasan: the API at %s serves plain HTTP (a loopback api_listen): use --api %s",

@@ -470,6 +470,12 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// The replication server and the REST API check the state's revoked
+	// certificates at the handshake once the node's FSM exists (the
+	// cluster port does so itself).
+	guard := &cluster.CertGuard{}
+	dataTLS := guard.Protect(tlsCfg)
+	apiTLS = guard.Protect(apiTLS)
 	ca, err := loadLocalCA(cfg)
 	if err != nil {
 		return nil, err
@@ -484,6 +490,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	guard.Attach(node.FSM())
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &server{cfg: cfg, log: log, node: node, cancel: cancel}
 	defer func() {
@@ -513,7 +520,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	})
 
 	if cfg.Role == string(cluster.RoleStorage) {
-		if err := s.startStorage(ctx, tlsCfg, o); err != nil {
+		if err := s.startStorage(ctx, dataTLS, o); err != nil {
 			return nil, err
 		}
 	}
