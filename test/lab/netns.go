@@ -202,8 +202,11 @@ func (s *NS) killAll() error {
 	}
 }
 
-// ProcAlive reports whether pid exists and is not a zombie: a SIGKILLed
-// process nobody has reaped yet no longer runs.
+// ProcAlive reports whether pid exists, is not a zombie and is not
+// exiting: a SIGKILLed process nobody has reaped yet no longer runs, and
+// one the kernel is still tearing down (PF_EXITING; it may sit in D state
+// for a while on a busy disk, and has already left its namespaces) never
+// returns to user space.
 func ProcAlive(pid int) bool {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
 	if err != nil {
@@ -214,6 +217,11 @@ func ProcAlive(pid int) bool {
 	if i < 0 || i+2 >= len(s) {
 		return false
 	}
-	st := s[i+2]
-	return st != 'Z' && st != 'X'
+	f := strings.Fields(s[i+1:])
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return false
+	}
+	const pfExiting = 0x4
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	return err != nil || flags&pfExiting == 0
 }
