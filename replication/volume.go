@@ -97,6 +97,12 @@ type Volume struct {
 	gateOpen bool
 
 	closeOnce sync.Once
+	closeErr  error // Close's result, for every caller
+	// filesMu orders the reads that use the store outside the loop
+	// (ReadAt, MapStatus) before Close closes its files: the store reads
+	// by raw descriptor, which once closed may already name another file.
+	filesMu     sync.RWMutex
+	filesClosed bool
 	// deleting is set (by the loop) once Delete has accepted: every later
 	// request fails with ErrClosed.
 	deleting bool
@@ -211,6 +217,13 @@ func OpenVolume(ctx context.Context, cfg VolumeConfig) (*Volume, error) {
 }
 
 func (v *Volume) post(f func()) bool {
+	// A select picks at random among ready cases: without this check a
+	// post after Close would often queue f for a loop that never runs it.
+	select {
+	case <-v.stop:
+		return false
+	default:
+	}
 	select {
 	case v.events <- f:
 		return true
@@ -400,6 +413,16 @@ func (v *Volume) unhealthy(err error) {
 func (v *Volume) propose(pr Proposal) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	// Close waits for this goroutine: a closing primary (often one whose
+	// lease expired, Membership unreachable) must not wait out the timeout
+	// for a result nobody will read.
+	go func() {
+		select {
+		case <-v.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	vol := v.cfg.Local.Meta.Volume
 	var st MembershipState
 	var err error
@@ -565,18 +588,24 @@ func (v *Volume) runConn(pl *peerLink, c net.Conn) {
 			}
 		}
 	}
-	if !v.post(func() {
+	drained := make(chan struct{})
+	v.post(func() {
 		pl.mu.Lock()
 		if pl.out == out {
 			pl.out = nil
 		}
 		pl.mu.Unlock()
 		drainOut()
+		close(drained)
 		v.core.PeerDown(pl.id, fmt.Errorf("replication: connection to %s: %w", pl.id, rerr))
-	}) {
-		// Stopped: the loop may still be finishing an iteration that
-		// queues on out; once it has returned nothing does.
-		<-v.loopDone
+	})
+	select {
+	case <-drained:
+	case <-v.loopDone:
+		// Stopped, and the drain may never run: post can queue it just
+		// before the loop returns. Once the loop has returned nothing
+		// queues on out, and a message left there would hold its
+		// writer's buffer, and its WriteAt, forever.
 		drainOut()
 	}
 	select {
@@ -634,6 +663,11 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := v.diverged.Load(); err != nil {
 		return *err
 	}
+	v.filesMu.RLock()
+	defer v.filesMu.RUnlock()
+	if v.filesClosed {
+		return ErrClosed
+	}
 	return v.store.ReadAt(p, off)
 }
 
@@ -663,6 +697,17 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 		// for, as other backends do.
 		err = ctx.Err()
 	}
+	select {
+	case <-v.stop:
+		// do gave up on a closing volume, but the request may still sit
+		// in the event queue or in the core, and the loop runs on until it
+		// notices stop: it could still issue the write, taking references
+		// to p after ours was dropped (reviving a released Hold, whose
+		// second release then closed free twice). Once the loop has
+		// returned nothing takes new ones.
+		<-v.loopDone
+	default:
+	}
 	h.unref()
 	<-h.free
 	return err
@@ -685,6 +730,11 @@ func (v *Volume) Unmap(ctx context.Context, off, length int64) error {
 func (v *Volume) MapStatus(_ context.Context, off int64) (bool, int64, error) {
 	if err := v.checkRange(off, 1); err != nil {
 		return false, 0, err
+	}
+	v.filesMu.RLock()
+	defer v.filesMu.RUnlock()
+	if v.filesClosed {
+		return false, 0, ErrClosed
 	}
 	return v.store.MapStatus(off)
 }
@@ -831,17 +881,26 @@ func (v *Volume) Delete(ctx context.Context) error {
 	return DeleteLocal(filepath.Dir(v.cfg.Local.MetaPath), v.cfg.Local.Meta.Volume)
 }
 
-// Close stops the volume: pending requests fail with ErrClosed.
+// Close stops the volume: pending requests fail with ErrClosed (a write
+// that fails so may still have reached some disks), later ones too. It is
+// safe to call while requests are in flight and more than once; every call
+// returns once the files are closed, with the same result.
 func (v *Volume) Close() error {
 	v.closeOnce.Do(func() {
 		close(v.stop)
 		for _, pl := range v.peers {
 			pl.drop()
 		}
+		v.wg.Wait()
+		// Every local write the loop submitted is issued before the file
+		// closes (a WriteAt waits for its own).
+		v.wq.close()
+		v.filesMu.Lock()
+		v.filesClosed = true
+		v.filesMu.Unlock()
+		v.closeErr = v.cfg.Local.Close()
 	})
-	v.wg.Wait()
-	v.wq.close()
-	return v.cfg.Local.Close()
+	return v.closeErr
 }
 
 type tokenBucket struct {
