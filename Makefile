@@ -56,12 +56,13 @@ test-vm: deps
 # The real open-iscsi initiator (stock iscsid.conf) in a QEMU guest keeps fio
 # with crc32c verify running through the VIP while the owner is power-fenced
 # (test/vm/README.md). fio must finish with no I/O error and no verify error,
-# and the takeover must follow a confirmed fence. The issue-5 stall goal
-# (< 3 s) is not met yet: 3.0-3.6 s measured, 2 s of it the initiator's
-# negotiated DefaultTime2Wait before it reconnects; the bound is loosened to
-# 6 s here so that the correctness checks gate every run.
+# and the takeover must follow a confirmed fence. The issue-5 stall goal is
+# < 3 s (the test's default): 2.81-2.98 s measured on a quiet machine, 3.08 s
+# once under load, 2 s of it the initiator's negotiated DefaultTime2Wait
+# before it reconnects; the bound here is 4 s so that a loaded CI machine
+# does not fail the run on timing while a regression of a second still does.
 test-vm-failover: deps
-	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_VM_BUILD=1 HASAN_VM_MAX_STALL=6s \
+	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_VM_BUILD=1 HASAN_VM_MAX_STALL=4s \
 		$(GO) test -count=1 -v -timeout 15m -run TestVMFioOwnerPowerLoss ./test/cluster/
 
 test: deps check unit fuzz conformance cluster-e2e test-vm test-vm-failover
