@@ -281,6 +281,12 @@ func (c *serveConfig) raftDir() string     { return filepath.Join(c.DataDir, "ra
 func (c *serveConfig) replicaDir() string  { return filepath.Join(c.DataDir, "replicas") }
 func (c *serveConfig) adminSocket() string { return filepath.Join(c.DataDir, "admin.sock") }
 
+// controllerConfig is the controller's part of the config.
+func (c *serveConfig) controllerConfig() cluster.ControllerConfig {
+	return cluster.ControllerConfig{Self: c.Node, FailureTimeout: c.FailureTimeout,
+		NoLeaderPlacement: c.LeaderPlacement != nil && !*c.LeaderPlacement}
+}
+
 // apiAdvertise is the API address recorded in the state: a wildcard
 // api_listen is no address anyone can dial.
 func (c *serveConfig) apiAdvertise() string {
@@ -505,8 +511,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 	s.run(ctx, "controller", func(ctx context.Context) error {
 		return node.RunController(ctx, func() *cluster.Controller {
 			return &cluster.Controller{
-				Config: cluster.ControllerConfig{Self: cfg.Node, FailureTimeout: cfg.FailureTimeout,
-					NoLeaderPlacement: cfg.LeaderPlacement != nil && !*cfg.LeaderPlacement},
+				Config: cfg.controllerConfig(),
 				FSM: node.FSM(), P: node, Logger: log,
 				VerifyLeader: node.VerifyLeader,
 				Fencer: func(st *cluster.State) (cluster.Fencer, error) {

@@ -77,6 +77,16 @@ func TestServeConfigValidate(t *testing.T) {
 			t.Errorf("%q: api address %q, want %q", c.extra, got, c.want)
 		}
 	}
+	// Leader placement is on unless switched off.
+	for extra, off := range map[string]bool{"": false, "leader_placement: true\n": false, "leader_placement: false\n": true} {
+		cfg, err := loadServeConfig(write(good + extra))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cc := cfg.controllerConfig(); cc.NoLeaderPlacement != off || cc.Self != "n1" || cc.FailureTimeout != cluster.DefaultFailureTimeout {
+			t.Errorf("%q: controller config %+v", extra, cc)
+		}
+	}
 	// A witness needs no replication or portal address.
 	if _, err := loadServeConfig(write("node: w\nrole: witness\ndata_dir: " + dir + "\ncluster_advertise: 192.0.2.3:7400\n")); err != nil {
 		t.Fatal(err)
