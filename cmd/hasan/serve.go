@@ -512,7 +512,7 @@ func startServer(cfg *serveConfig, o serveOptions) (_ *server, err error) {
 		return node.RunController(ctx, func() *cluster.Controller {
 			return &cluster.Controller{
 				Config: cfg.controllerConfig(),
-				FSM: node.FSM(), P: node, Logger: log,
+				FSM:    node.FSM(), P: node, Logger: log,
 				VerifyLeader: node.VerifyLeader,
 				Fencer: func(st *cluster.State) (cluster.Fencer, error) {
 					hist := &cluster.FenceHistory{P: node, FSM: node.FSM()}
