@@ -492,3 +492,19 @@ func (s *NodeService) SetVolumeReplicas(ctx context.Context, uuid string, req Re
 func (s *NodeService) ReplaceNode(ctx context.Context, node string, req ReplaceNodeRequest) (ReplaceNodeResult, error) {
 	return ReplaceNode(ctx, s, node, req)
 }
+
+var _ CertService = (*NodeService)(nil)
+
+// RevokeCert implements CertService.
+func (s *NodeService) RevokeCert(ctx context.Context, req RevokeCertRequest) (RevokeCertResult, error) {
+	serial, err := cluster.ParseSerial(req.Serial)
+	if err != nil {
+		return RevokeCertResult{}, err
+	}
+	already := s.n.FSM().CertRevoked(serial)
+	if _, err := s.propose(ctx, &cluster.Command{Kind: cluster.KindCertRevoke,
+		CertRevoke: &cluster.CertRevokeCmd{Serial: serial, CN: req.CN, Force: req.Force}}); err != nil {
+		return RevokeCertResult{}, err
+	}
+	return RevokeCertResult{Serial: serial, AlreadyRevoked: already}, nil
+}

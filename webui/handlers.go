@@ -518,3 +518,25 @@ func (s *Server) replaceNode(c *gin.Context) {
 		return rs.ReplaceNode(ctx, c.Param("id"), req)
 	})
 }
+
+// --- certificates ---
+
+func (s *Server) postCertRevoke(c *gin.Context) {
+	cs, ok := s.svc.(CertService)
+	if !ok {
+		c.JSON(http.StatusNotImplemented, errorBody{Error: "this server cannot revoke certificates"})
+		return
+	}
+	var req RevokeCertRequest
+	if err := bind(c, &req); err != nil {
+		s.fail(c, err)
+		return
+	}
+	if req.Serial == "" {
+		s.fail(c, invalid("serial", "give the certificate's serial (hasan cluster cert --admin printed it; openssl x509 -serial shows it)"))
+		return
+	}
+	reply(s, c, http.StatusOK, func(ctx context.Context) (RevokeCertResult, error) {
+		return cs.RevokeCert(ctx, req)
+	})
+}

@@ -223,6 +223,7 @@ func (s *Server) routes() *gin.Engine {
 	v1.PUT("/nodes/:id/fence", s.putNodeFence)
 	v1.POST("/nodes/:id/fence-confirm", s.confirmFence)
 	v1.POST("/nodes/:id/replace", s.replaceNode)
+	v1.POST("/certs/revoke", s.postCertRevoke)
 
 	v1.GET("/volumes", s.listVolumes)
 	v1.POST("/volumes", s.createVolume)

@@ -277,3 +277,27 @@ func ReplaceNode(ctx context.Context, svc interface {
 	}
 	return out, nil
 }
+
+// CertService revokes cluster certificates (implemented by NodeService);
+// without it POST /certs/revoke answers 501.
+type CertService interface {
+	// RevokeCert commits a cert-revoke of req.Serial, given in any form
+	// cluster.ParseSerial accepts. It reports whether the serial was
+	// revoked already (then nothing changes). A serial recorded for a
+	// current node is refused with cluster.ErrInUse unless req.Force.
+	RevokeCert(ctx context.Context, req RevokeCertRequest) (RevokeCertResult, error)
+}
+
+// RevokeCertRequest is the body of POST /certs/revoke.
+type RevokeCertRequest struct {
+	Serial string `json:"serial"`
+	// CN is shown in listings; optional.
+	CN    string `json:"cn,omitempty"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// RevokeCertResult is the answer of POST /certs/revoke.
+type RevokeCertResult struct {
+	Serial         string `json:"serial"`
+	AlreadyRevoked bool   `json:"already_revoked"`
+}

@@ -68,30 +68,41 @@ type certRevokeReply struct {
 func newClusterCertRevokeCmd() *cobra.Command {
 	var (
 		config, serial, certFile string
-		force                    bool
+		force, viaAPI            bool
 	)
 	c := &cobra.Command{
 		Use:   "revoke",
 		Short: "revoke a certificate of the cluster CA (a lost admin certificate, a node's stolen key)",
 		Long: "revoke commits the certificate's serial to the cluster state (asks the running node through its admin " +
-			"socket). From then on no node accepts it: cluster connections presenting it are refused at the TLS " +
+			"socket, or with --via-api through the REST API). From then on no node accepts it: cluster connections presenting it are refused at the TLS " +
 			"handshake and open ones are closed, and the REST API answers 403 to every request made with it. " +
 			"Removing a node revokes its recorded certificates by itself. A certificate recorded for a current " +
 			"node is revoked only with --force: the node is then cut off without being removed.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadServeConfig(config)
-			if err != nil {
-				return err
-			}
 			req, err := revokeRequestFor(serial, certFile)
 			if err != nil {
 				return err
 			}
 			req.Force = force
 			var resp certRevokeReply
-			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodPost, "/cert/revoke", req, &resp); err != nil {
-				return err
+			if viaAPI {
+				c, err := newAPIClient(cmd)
+				if err != nil {
+					return err
+				}
+				body := map[string]any{"serial": req.Serial, "cn": req.CN, "force": req.Force}
+				if err := c.call(cmd.Context(), http.MethodPost, "/api/v1/certs/revoke", body, &resp); err != nil {
+					return err
+				}
+			} else {
+				cfg, err := loadServeConfig(config)
+				if err != nil {
+					return err
+				}
+				if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodPost, "/cert/revoke", req, &resp); err != nil {
+					return err
+				}
 			}
 			if resp.AlreadyRevoked {
 				fmt.Fprintf(cmd.OutOrStdout(), "certificate %s was already revoked\n", resp.Serial)
@@ -105,6 +116,7 @@ func newClusterCertRevokeCmd() *cobra.Command {
 	c.Flags().StringVar(&serial, "serial", "", "serial to revoke, hex as `hasan cluster cert` or `openssl x509 -serial` print it")
 	c.Flags().StringVar(&certFile, "cert", "", "PEM certificate file to revoke (instead of --serial; also records its CN and OU)")
 	c.Flags().BoolVar(&force, "force", false, "revoke even a certificate recorded for a current node (cuts it off)")
+	c.Flags().BoolVar(&viaAPI, "via-api", false, "revoke through the REST API (--api, --cert-dir) instead of this node's admin socket, e.g. from a workstation")
 	return c
 }
 

@@ -67,6 +67,7 @@ func TestClusterCertRevoke(t *testing.T) {
 	}
 	lostDir, lostSerial := issue("laptop")
 	deskDir, _ := issue("desk")
+	tabletDir, tabletSerial := issue("tablet")
 
 	s, err := startServer(cfg, serveOptions{})
 	if err != nil {
@@ -118,6 +119,22 @@ func TestClusterCertRevoke(t *testing.T) {
 	}
 	if err := nodeList(deskDir); err != nil {
 		t.Fatalf("another admin certificate: %v", err)
+	}
+
+	// From a workstation, through the REST API: a revoked certificate
+	// cannot revoke anything; a valid admin revokes the tablet's.
+	if _, _, err := runHasan(t, "", "--api", api, "--cert-dir", lostDir, "cluster", "cert", "revoke", "--via-api", "--serial", tabletSerial); err == nil {
+		t.Fatal("a revoked certificate revoked another through the API")
+	}
+	if err := nodeList(tabletDir); err != nil {
+		t.Fatalf("the tablet was cut off by a refused request: %v", err)
+	}
+	out, _, err = runHasan(t, "", "--api", api, "--cert-dir", deskDir, "cluster", "cert", "revoke", "--via-api", "--serial", tabletSerial)
+	if err != nil || !strings.Contains(out, "certificate "+tabletSerial+" revoked") {
+		t.Fatalf("revoke through the API: %v %s", err, out)
+	}
+	if err := nodeList(tabletDir); err == nil || !strings.Contains(err.Error(), "refused the client certificate") {
+		t.Fatalf("the tablet's certificate after its revocation through the API: %v", err)
 	}
 
 	out, _, err = runHasan(t, "", "cluster", "cert", "list", "--config", cfgPath)
