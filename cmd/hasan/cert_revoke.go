@@ -235,12 +235,8 @@ func newClusterCertListCmd() *cobra.Command {
 		Short: "list the node certificates the cluster recorded and every revoked certificate",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadServeConfig(config)
+			st, err := localStatus(cmd.Context(), config)
 			if err != nil {
-				return err
-			}
-			var st statusReply
-			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodGet, "/status", nil, &st); err != nil {
 				return err
 			}
 			rows := certListings(st.State)

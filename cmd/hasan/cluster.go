@@ -353,6 +353,18 @@ type statusReply struct {
 	State     *cluster.State `json:"state"`
 }
 
+// localStatus asks the node that config describes for its status over
+// its admin socket (root on the node; no API certificate needed).
+func localStatus(ctx context.Context, config string) (statusReply, error) {
+	var st statusReply
+	cfg, err := loadServeConfig(config)
+	if err != nil {
+		return st, err
+	}
+	err = adminCall(ctx, cfg.adminSocket(), http.MethodGet, "/status", nil, &st)
+	return st, err
+}
+
 func newClusterStatusCmd() *cobra.Command {
 	var (
 		config string
@@ -363,12 +375,8 @@ func newClusterStatusCmd() *cobra.Command {
 		Short: "show nodes, groups and volumes as this node sees them",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadServeConfig(config)
+			st, err := localStatus(cmd.Context(), config)
 			if err != nil {
-				return err
-			}
-			var st statusReply
-			if err := adminCall(cmd.Context(), cfg.adminSocket(), http.MethodGet, "/status", nil, &st); err != nil {
 				return err
 			}
 			if asJSON {
