@@ -46,7 +46,7 @@ conformance: deps
 # two writers); the gap bounds are loose because timing belongs to `make bench`.
 cluster-e2e: deps
 	HASAN_CLUSTER_E2E=1 HASAN_LAB_REQUIRED=1 HASAN_CLUSTER_MAX_GAP=10s HASAN_CLUSTER_MAX_PLANNED_GAP=2s HASAN_CLUSTER_MAX_STEADY_GAP=1s \
-		$(GO) test -count=1 -v -timeout 10m -run 'TestOwnerPowerLoss|TestScenarios' ./test/cluster/
+		$(GO) test -count=1 -v -timeout 10m -run 'TestOwnerPowerLoss|TestScenarios|TestScenarioReplaceNode' ./test/cluster/
 
 # The real Linux initiator (open-iscsi) in a QEMU guest: CHAP + mkfs + verify,
 # then two portals folded by dm-multipath.
