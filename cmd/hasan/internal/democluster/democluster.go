@@ -318,7 +318,13 @@ func (c *Cluster) buildNetwork(ctx context.Context) error {
 		return err
 	}
 	for _, n := range c.Nodes {
-		if err := c.ip(ctx, "netns", "add", n.NS); err != nil {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		// Not ctx: an `ip netns add` killed half-way leaves /run/netns/NAME
+		// behind before the cleanup below is registered (seen when a test
+		// cancelled the demo while it built the network).
+		if err := c.ip(context.Background(), "netns", "add", n.NS); err != nil {
 			return err
 		}
 		ns := n.NS
