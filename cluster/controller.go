@@ -704,18 +704,11 @@ func BuildFencer(st *State, history fencing.HistoryStore, logger *slog.Logger, n
 
 // VerifyLeader confirms with a quorum that n still leads.
 func (n *Node) VerifyLeader(ctx context.Context) error {
-	f := n.raft.VerifyLeader()
-	done := make(chan error, 1)
-	go func() { done <- f.Error() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			return fmt.Errorf("%w: %w", ErrNotLeader, err)
-		}
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	done, err := awaitFuture(ctx, n.raft.VerifyLeader())
+	if done && err != nil {
+		return fmt.Errorf("%w: %w", ErrNotLeader, err)
 	}
+	return err
 }
 
 // RunController runs a fresh controller from mk whenever n is the Raft

@@ -121,18 +121,11 @@ func (n *Node) TransferLeadershipTo(ctx context.Context, id string) error {
 	if addr == "" {
 		return fmt.Errorf("cluster: leadership transfer: %s is not a voter", id)
 	}
-	tf := n.raft.LeadershipTransferToServer(raft.ServerID(id), addr)
-	done := make(chan error, 1)
-	go func() { done <- tf.Error() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			return fmt.Errorf("cluster: leadership transfer to %s: %w", id, err)
-		}
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	done, err := awaitFuture(ctx, n.raft.LeadershipTransferToServer(raft.ServerID(id), addr))
+	if done && err != nil {
+		return fmt.Errorf("cluster: leadership transfer to %s: %w", id, err)
 	}
+	return err
 }
 
 // voterIDs lists the Raft voters of the latest configuration.

@@ -666,16 +666,12 @@ func (n *Node) TransferLeadership(ctx context.Context) error {
 	if !n.IsLeader() {
 		return nil
 	}
-	f := n.raft.LeadershipTransfer()
-	done := make(chan error, 1)
-	go func() { done <- f.Error() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			return fmt.Errorf("cluster: leadership transfer: %w", err)
-		}
-	case <-ctx.Done():
-		return ctx.Err()
+	done, err := awaitFuture(ctx, n.raft.LeadershipTransfer())
+	if !done {
+		return err
+	}
+	if err != nil {
+		return fmt.Errorf("cluster: leadership transfer: %w", err)
 	}
 	// Return once another node leads: shutting raft down while the
 	// hand-over is still settling has been seen to hang its shutdown.
@@ -683,6 +679,21 @@ func (n *Node) TransferLeadership(ctx context.Context) error {
 		_, id := n.raft.LeaderWithID()
 		return id != "" && string(id) != n.cfg.ID
 	})
+}
+
+// awaitFuture waits for f or for ctx to end, whichever comes first. done
+// reports whether f finished; err is then f's error, else ctx.Err(). A
+// raft future cannot be cancelled, so the waiting goroutine outlives an
+// abandoned wait until raft resolves f (at the latest on shutdown).
+func awaitFuture(ctx context.Context, f raft.Future) (done bool, err error) {
+	ch := make(chan error, 1)
+	go func() { ch <- f.Error() }()
+	select {
+	case err := <-ch:
+		return true, err
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
 }
 
 // AddVoter adds a voting member (storage or witness). Only the leader can.
